@@ -1,0 +1,37 @@
+"""lightning_zenft: LLM fine-tuning for PyTorch Lightning as callbacks and plugins."""
+
+from lightning_zenft.adapters import (
+    AdapterModule,
+    DoRALinear,
+    LoRALinear,
+    disable_adapters,
+    find_adapters,
+    merge_adapters,
+    unmerge_adapters,
+)
+from lightning_zenft.callbacks.adapters import DoRA, LoRA, trainable_parameters
+from lightning_zenft.config import LoRAConfig
+from lightning_zenft.inject import count_parameters, inject_adapters, match_targets, unload_adapters
+from lightning_zenft.io import load_adapter, save_adapter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterModule",
+    "DoRA",
+    "DoRALinear",
+    "LoRA",
+    "LoRAConfig",
+    "LoRALinear",
+    "count_parameters",
+    "disable_adapters",
+    "find_adapters",
+    "inject_adapters",
+    "load_adapter",
+    "match_targets",
+    "merge_adapters",
+    "save_adapter",
+    "trainable_parameters",
+    "unload_adapters",
+    "unmerge_adapters",
+]

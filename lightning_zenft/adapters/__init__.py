@@ -1,0 +1,24 @@
+"""Adapter layers: each wraps one frozen base layer and satisfies :class:`AdapterModule`."""
+
+from lightning_zenft.adapters._protocol import (
+    AdapterModule,
+    adapter_parameter_names,
+    disable_adapters,
+    find_adapters,
+    merge_adapters,
+    unmerge_adapters,
+)
+from lightning_zenft.adapters.dora import DoRALinear
+from lightning_zenft.adapters.lora import LoRALinear, lora_scaling
+
+__all__ = [
+    "AdapterModule",
+    "DoRALinear",
+    "LoRALinear",
+    "adapter_parameter_names",
+    "disable_adapters",
+    "find_adapters",
+    "lora_scaling",
+    "merge_adapters",
+    "unmerge_adapters",
+]
