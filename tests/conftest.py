@@ -1,0 +1,29 @@
+"""Shared fixtures (helpers live in zenft_testing.py, importable from every test directory)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from zenft_testing import tiny_model
+
+
+@pytest.fixture
+def saved_base(tmp_path):
+    """Save a tiny model with `save_pretrained` and return (arch -> directory) factory, so real loading is used."""
+
+    def make(arch: str = "llama", seed: int = 0):
+        path = tmp_path / f"base-{arch}-{seed}"
+        if not path.exists():
+            tiny_model(arch, seed).save_pretrained(path)
+        return path
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

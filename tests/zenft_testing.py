@@ -1,0 +1,113 @@
+"""Test helpers: tiny random `transformers` models of several architectures, and a minimal LightningModule."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*token_id must be.*")
+
+VOCAB = 128
+
+
+def tiny_config(arch: str):
+    """A transformers config for a tiny model of the given architecture (random init, a few thousand params)."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **common)
+    if arch == "mistral":
+        return tf.MistralConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_key_value_heads=2, **common)
+    if arch == "gemma":
+        return tf.GemmaConfig(hidden_size=32, intermediate_size=64, num_key_value_heads=2, head_dim=8, **common)
+    if arch == "phi":
+        return tf.PhiConfig(hidden_size=32, intermediate_size=64, **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64, bos_token_id=0, eos_token_id=0
+        )
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str = "llama", seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    return model.float().eval()
+
+
+def load_base(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def token_batch(n: int = 2, t: int = 12, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, t), generator=g)
+
+
+class TinyLM(L.LightningModule):
+    """A causal-LM LightningModule written the way users write theirs: AdamW over `self.parameters()`."""
+
+    def __init__(self, arch: str = "llama", seed: int = 0, lr: float = 1e-2, build_in_configure_model: bool = False):
+        super().__init__()
+        self.arch, self.seed, self.lr = arch, seed, lr
+        self.build_in_configure_model = build_in_configure_model
+        self.model = None if build_in_configure_model else tiny_model(arch, seed)
+        self.losses: list[float] = []
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = tiny_model(self.arch, self.seed)
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        loss = self.model(input_ids=ids, labels=ids).loss
+        self.losses.append(loss.item())
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        (ids,) = batch
+        self.log("val_loss", self.model(input_ids=ids, labels=ids).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        return DataLoader(TensorDataset(token_batch(16, 12, seed=3)), batch_size=4, shuffle=False)
+
+    def val_dataloader(self):
+        return DataLoader(TensorDataset(token_batch(4, 12, seed=4)), batch_size=4)
+
+
+def make_trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=4,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(callbacks=callbacks, **defaults)
