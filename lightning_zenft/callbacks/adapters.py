@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -212,7 +213,11 @@ class LoRA(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "targets": list(self.targets)}
+        # The RNG state makes adapter dropout after a resume draw the same masks as an uninterrupted run would.
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {"config": self.config.to_dict(), "targets": list(self.targets), "rng": rng}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -226,6 +231,11 @@ class LoRA(Callback):
             )
         if state_dict.get("targets") and list(state_dict["targets"]) != self.targets:
             raise RuntimeError("the checkpoint's adapted layers differ from this model's; was the model changed?")
+        rng = state_dict.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 class DoRA(LoRA):
