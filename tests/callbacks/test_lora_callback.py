@@ -23,9 +23,7 @@ def test_fit_trains_only_adapters_and_filters_optimizer(tmp_path):
     trainer = make_trainer(tmp_path, [lora], max_steps=3)
     trainer.fit(module)
     layers = dict(find_adapters(module))
-    assert (
-        len(layers) == 14 and lora.targets == [f"model.{n}" for n in layers.keys()] or set(lora.targets) == set(layers)
-    )
+    assert len(layers) == 14 and lora.targets == list(layers)
     frozen = _base_weights(module)
     fresh = TinyLM("llama")
     fresh_params = dict(fresh.named_parameters())
