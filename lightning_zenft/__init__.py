@@ -10,6 +10,7 @@ from lightning_zenft.adapters import (
     unmerge_adapters,
 )
 from lightning_zenft.callbacks.adapters import DoRA, LoRA, trainable_parameters
+from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.config import LoRAConfig
 from lightning_zenft.inject import count_parameters, inject_adapters, match_targets, unload_adapters
 from lightning_zenft.io import load_adapter, save_adapter
@@ -30,6 +31,7 @@ __all__ = [
     "load_adapter",
     "match_targets",
     "merge_adapters",
+    "SaveAdapter",
     "save_adapter",
     "trainable_parameters",
     "unload_adapters",

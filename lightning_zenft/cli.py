@@ -1,0 +1,68 @@
+"""The ``zenft`` command: a ``LightningCLI`` for causal-LM fine-tuning, plus planning helpers.
+
+``zenft fit|validate|test --config run.yaml`` trains :class:`~lightning_zenft.lm.CausalLMModule` on a
+:class:`~lightning_zenft.data.TextDataModule`; callbacks and plugins come from the YAML::
+
+    trainer:
+      callbacks:
+        - class_path: lightning_zenft.LoRA
+          init_args: {r: 16, target_modules: all-linear}
+    model:
+      model: path/to/model_dir          # the tokenizer is read from the same directory
+    data:
+      train_file: train.jsonl
+
+``zenft recommend ...`` and ``zenft estimate ...`` answer "which recipe?" and "will it fit?" before a run.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
+
+HELPER_COMMANDS = ("recommend", "estimate")
+
+
+class ZenftCLI(LightningCLI):
+    """``LightningCLI`` with the model's directory linked to the data module's tokenizer."""
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("model.model", "data.tokenizer")
+
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+            "test": {"model", "dataloaders", "datamodule"},
+        }
+
+
+def cli_main(args: list[str] | None = None, **kwargs: Any) -> ZenftCLI:
+    """Run the Lightning part of the CLI (``fit``/``validate``/``test``) with ``args`` instead of ``sys.argv``."""
+    from lightning_zenft.data.datamodule import TextDataModule
+    from lightning_zenft.lm import CausalLMModule
+
+    kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    return ZenftCLI(CausalLMModule, TextDataModule, args=args, **kwargs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``zenft``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in HELPER_COMMANDS:
+        from lightning_zenft.planning.commands import estimate_main, recommend_main
+
+        handler = recommend_main if argv[0] == "recommend" else estimate_main
+        return handler(argv[1:])
+    cli_main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
