@@ -11,8 +11,9 @@ Where in ``Trainer.fit`` things happen (and why there):
    adapter parameter is optimized. Best practice in ``configure_optimizers``:
    ``torch.optim.AdamW(lightning_zenft.trainable_parameters(self), lr=...)``.
 3. Checkpoints keep only the trained parameters (adapters, plus any bias/norm/module the config trains) and the
-   callback's state, not the frozen base: a 7B LoRA checkpoint is megabytes. ``ckpt_path=`` restores them into a
-   freshly injected model, and the callback checks that every adapter tensor was in the checkpoint.
+   callback's state (config, RNG state), not the frozen base: a 7B LoRA checkpoint is megabytes. ``ckpt_path=``
+   restores them into a freshly injected model (fit, validate, test or predict) with Lightning's strict loading, which
+   only forgives the absent frozen tensors: a missing adapter tensor or an unknown key is still an error.
    ``save_full_state_dict=True`` keeps the whole model in the checkpoint instead.
 """
 
@@ -28,9 +29,9 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from typing_extensions import override
 
-from lightning_zenft.adapters import adapter_parameter_names, find_adapters
+from lightning_zenft.adapters import DoRALinear, LoRALinear, adapter_parameter_names, find_adapters
 from lightning_zenft.config import LoRAConfig, TargetSpec
-from lightning_zenft.inject import count_parameters, inject_adapters
+from lightning_zenft.inject import count_parameters, inject_adapters, pattern_value
 
 
 def trainable_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
@@ -114,17 +115,36 @@ class LoRA(Callback):
     # ------------------------------------------------------------------ injection
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if any(True for _ in find_adapters(pl_module)):
+        existing = list(find_adapters(pl_module))
+        if existing:
             if not self.targets:
-                raise RuntimeError(
-                    f"{type(pl_module).__name__} already holds adapter layers this callback did not inject; use one "
-                    "adapter callback per model (or load adapters with load_adapter and drop the callback)."
-                )
-            return  # a second stage (e.g. validate after fit) on the same module
+                self._adopt(pl_module, existing)
+            return  # adapters are in place (e.g. validate after fit, or a second Trainer on the same module)
         if not _has_linear_layers(pl_module) and _overrides_configure_model(pl_module):
             self._inject_after_configure_model(trainer, pl_module)
             return
         self._inject(trainer, pl_module)
+
+    def _adopt(self, pl_module: pl.LightningModule, existing: list[tuple[str, Any]]) -> None:
+        """Take over adapters injected earlier (by another Trainer's callback) if they are what this config makes."""
+        layer_cls = DoRALinear if self.use_dora else LoRALinear
+        for name, layer in existing:
+            r = int(pattern_value(name, self.config.rank_pattern, self.config.r))
+            alpha = float(pattern_value(name, self.config.alpha_pattern, self.config.alpha))
+            if type(layer) is not layer_cls or layer.r != r or layer.alpha != alpha:
+                raise RuntimeError(
+                    f"{type(pl_module).__name__} already holds adapters that differ from this callback's settings "
+                    f"({name}: {type(layer).__name__} r={getattr(layer, 'r', '?')}, wanted {layer_cls.__name__} r={r}, "
+                    f"alpha={alpha:g}). Use one adapter callback per model, with the settings it was trained with."
+                )
+        self.targets = [name for name, _ in existing]
+        self._record(pl_module)
+
+    def _record(self, pl_module: pl.LightningModule) -> None:
+        self.trainable_params, self.total_params = count_parameters(pl_module)
+        self._trainable_keys = {n for n, p in pl_module.named_parameters() if p.requires_grad}
+        if not self.save_full_state_dict:
+            _accept_adapter_only_state(pl_module, self._trainable_keys)
 
     def _inject_after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         user_hook: Callable[[], None] = pl_module.configure_model
@@ -140,11 +160,7 @@ class LoRA(Callback):
         if self.auto_rank:
             self._resolve_auto_rank(trainer, pl_module)
         self.targets = inject_adapters(pl_module, self.config)
-        self.trainable_params, self.total_params = count_parameters(pl_module)
-        self._trainable_keys = {n for n, p in pl_module.named_parameters() if p.requires_grad}
-        if not self.save_full_state_dict:
-            # Checkpoints hold only the trained tensors; `on_load_checkpoint` does the strict check itself.
-            pl_module.strict_loading = False
+        self._record(pl_module)
         rank_zero_info(
             f"{type(self).__name__}: {len(self.targets)} layers adapted; trainable params: {self.trainable_params:,} "
             f"|| all params: {self.total_params:,} || trainable%: {100 * self.trainable_params / self.total_params:.4f}"
@@ -197,21 +213,6 @@ class LoRA(Callback):
         checkpoint["state_dict"] = {k: v for k, v in state.items() if k in self._trainable_keys}
 
     @override
-    def on_load_checkpoint(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
-    ) -> None:
-        state = checkpoint.get("state_dict", {})
-        missing = sorted(self._trainable_keys - state.keys())
-        known = set(pl_module.state_dict().keys())
-        unexpected = sorted(k for k in state if k not in known)
-        if missing or unexpected:
-            raise RuntimeError(
-                f"the checkpoint does not fit the adapted model: missing {missing[:6]} ({len(missing)} in all), "
-                f"unexpected {unexpected[:6]} ({len(unexpected)} in all). Resume with the same LoRA settings and model "
-                "the checkpoint was written with."
-            )
-
-    @override
     def state_dict(self) -> dict[str, Any]:
         # The RNG state makes adapter dropout after a resume draw the same masks as an uninterrupted run would.
         rng = {"torch": torch.get_rng_state()}
@@ -247,6 +248,22 @@ class DoRA(LoRA):
     """
 
     use_dora = True
+
+
+def _accept_adapter_only_state(pl_module: pl.LightningModule, trainable: set[str]) -> None:
+    """Let ``load_state_dict`` (strict, as Lightning calls it for ``ckpt_path=``) accept adapter-only checkpoints.
+
+    Missing keys of frozen tensors are dropped from the strict check; a missing trained tensor or any unexpected key
+    still fails loudly. Registered once per module.
+    """
+    if getattr(pl_module, "_zenft_adapter_only_hook", None) is not None:
+        return
+    frozen = {k for k in pl_module.state_dict() if k not in trainable}
+
+    def drop_frozen_missing(module: nn.Module, incompatible: Any) -> None:
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in frozen]
+
+    pl_module._zenft_adapter_only_hook = pl_module.register_load_state_dict_post_hook(drop_frozen_missing)
 
 
 def _has_linear_layers(module: nn.Module) -> bool:
