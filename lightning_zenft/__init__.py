@@ -14,6 +14,14 @@ from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.config import LoRAConfig
 from lightning_zenft.inject import count_parameters, inject_adapters, match_targets, unload_adapters
 from lightning_zenft.io import load_adapter, save_adapter
+from lightning_zenft.planning import (
+    MemoryEstimate,
+    Recommendation,
+    estimate_memory,
+    lr_find_from_recommendation,
+    recommend,
+    resolve_lora_rank_auto,
+)
 
 __version__ = "0.1.0"
 
@@ -24,13 +32,19 @@ __all__ = [
     "LoRA",
     "LoRAConfig",
     "LoRALinear",
+    "MemoryEstimate",
+    "Recommendation",
     "count_parameters",
     "disable_adapters",
+    "estimate_memory",
     "find_adapters",
     "inject_adapters",
     "load_adapter",
+    "lr_find_from_recommendation",
     "match_targets",
     "merge_adapters",
+    "recommend",
+    "resolve_lora_rank_auto",
     "SaveAdapter",
     "save_adapter",
     "trainable_parameters",

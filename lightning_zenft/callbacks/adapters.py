@@ -277,19 +277,19 @@ def _overrides_configure_model(pl_module: pl.LightningModule) -> bool:
 
 
 def _count_training_samples(trainer: pl.Trainer) -> int:
-    """The size of the training set, read from the datamodule or the fit loop's dataloader."""
-    source: Any = trainer.datamodule
-    if source is not None:
-        for attr in ("train_dataset", "train_data", "dataset"):
-            data = getattr(source, attr, None)
-            if data is not None and hasattr(data, "__len__"):
-                return len(data)
-        loader = source.train_dataloader()
-        if hasattr(loader, "dataset") and hasattr(loader.dataset, "__len__"):
-            return len(loader.dataset)
+    """The size of the training set: the datamodule's ``train_dataset``, else the fit dataloader's dataset."""
+    datamodule: Any = trainer.datamodule
+    data = getattr(datamodule, "train_dataset", None)
+    if data is not None and hasattr(data, "__len__"):
+        return len(data)
+    source = getattr(trainer.fit_loop, "_data_source", None)
+    loader = source.dataloader() if source is not None and source.is_defined() else None
+    dataset = getattr(loader, "dataset", None)
+    if dataset is not None and hasattr(dataset, "__len__"):
+        return len(dataset)
     raise RuntimeError(
-        "LoRA(r='auto') needs the training set size: pass a datamodule with a sized `train_dataset` to trainer.fit, "
-        "or give r explicitly."
+        "LoRA(r='auto') needs the training set size, but the training data has no length. Pass a datamodule with a "
+        "sized `train_dataset` (or a DataLoader over a sized dataset) to trainer.fit, or give r explicitly."
     )
 
 

@@ -143,3 +143,15 @@ def test_validate_from_adapter_only_checkpoint(tmp_path):
     trainer = make_trainer(tmp_path / "x", [LoRA(r=2, alpha=8)], limit_val_batches=1)
     with pytest.raises(RuntimeError, match="size mismatch"):
         trainer.validate(TinyLM("llama"), ckpt_path=ckpt, verbose=False)
+
+
+def test_auto_rank_follows_the_recommendation(tmp_path):
+    from lightning_zenft import resolve_lora_rank_auto
+
+    module = TinyLM("llama")
+    lora = LoRA(r="auto", target_modules="attention")
+    make_trainer(tmp_path, [lora], max_steps=1).fit(module)
+    n_params = sum(p.numel() for p in TinyLM("llama").parameters())
+    expected = resolve_lora_rank_auto(n_params, 16)  # TinyLM trains on 16 sequences
+    assert {layer.r for _, layer in find_adapters(module)} == {expected}
+    assert lora.config.alpha == 2 * expected

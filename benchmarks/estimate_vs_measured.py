@@ -1,0 +1,173 @@
+"""Memory estimate against measured memory for one training step of a random-init Llama.
+
+On a GPU (default shape: the 1.1B Llama shape, hidden 2048, MLP 5632, 22 layers, 32 heads, 4 kv heads, vocab
+32000, bf16, batch 4 x seq 2048) the measured figure is ``torch.cuda.max_memory_allocated`` over the second
+training step (the first one allocates the optimizer states; gradients are zeroed in place, not freed, so
+they are held as the estimate assumes). Activations are also measured on their own, as the unique storages
+autograd saves for backward during the forward pass.
+
+With ``--tiny`` the script runs a tiny shape, on CPU when there is no GPU; there the total is measured as the
+bytes of parameters, gradients and AdamW states after a step plus the saved-for-backward storages.
+
+Variants: ``full`` (every weight trained, AdamW) and ``lora`` (frozen base plus trainable low-rank adapters on
+all linear layers of the blocks, AdamW on the adapters).
+
+Usage::
+
+    python benchmarks/estimate_vs_measured.py               # GPU, 1.1B shape
+    python benchmarks/estimate_vs_measured.py --tiny        # CPU or GPU, tiny shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import tempfile
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_zenft.planning.memory import estimate_memory
+from lightning_zenft.planning.model_info import LINEAR_NAMES, resolve_model
+
+SHAPE_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000)  # fmt: skip
+SHAPE_TINY = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, vocab_size=512)  # fmt: skip
+
+
+class LowRankLinear(nn.Module):
+    """Frozen linear layer plus a trainable low-rank path: ``base(x) + x A^T B^T``."""
+
+    def __init__(self, base: nn.Linear, rank: int) -> None:
+        super().__init__()
+        self.base = base
+        kwargs = {"dtype": base.weight.dtype, "device": base.weight.device}
+        self.A = nn.Parameter(torch.randn(rank, base.in_features, **kwargs) / base.in_features)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, **kwargs))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.A), self.B)  # (B, T, r) in the middle
+
+
+def add_adapters(model: nn.Module, rank: int) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in LINEAR_NAMES:
+                if hasattr(parent, name):
+                    setattr(parent, name, LowRankLinear(getattr(parent, name), rank))
+
+
+def saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Run a forward pass, returning the loss and the unique non-parameter storage bytes saved for backward."""
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_ptrs:
+            saved.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=ids, labels=ids).loss
+    return loss, sum(saved.values())
+
+
+def run_variant(config_kwargs: dict, variant: str, batch: int, seq: int, rank: int, device: torch.device) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**config_kwargs)
+    with tempfile.TemporaryDirectory() as directory:
+        config.save_pretrained(directory)  # the estimate reads the same config.json a user would pass
+        info = resolve_model(directory)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    if variant == "lora":
+        add_adapters(model, rank)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    fused = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5, **fused)
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+
+    # Step 1 allocates gradients and optimizer states.
+    loss, _ = saved_activation_bytes(model, ids)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    del loss
+    gc.collect()
+
+    static = sum(p.nbytes for p in model.parameters()) + sum(p.grad.nbytes for p in trainable)
+    static += sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    loss, activations = saved_activation_bytes(model, ids)
+    loss.backward()
+    optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        measured_total = torch.cuda.max_memory_allocated()
+    else:
+        measured_total = static + activations
+    est = estimate_memory(
+        info,
+        "full" if variant == "full" else "lora",
+        batch=batch,
+        seq=seq,
+        rank=rank,
+        precision="bf16",
+        device="cuda" if device.type == "cuda" else "cpu",
+    )
+    del model, optimizer, loss
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return {
+        "variant": variant,
+        "device": str(device),
+        "estimate_static": est.static_bytes,
+        "measured_static": static,
+        "estimate_activations": est.activations_bytes,
+        "measured_activations": activations,
+        "estimate_total": est.total_bytes,
+        "measured_total": measured_total,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny shape; runs on CPU when there is no GPU")
+    parser.add_argument("--batch", type=int, default=None, help="default 4 (2 with --tiny)")
+    parser.add_argument("--seq", type=int, default=None, help="default 2048 (64 with --tiny)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--variants", default="full,lora")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per variant")
+    args = parser.parse_args()
+    has_cuda = torch.cuda.is_available()
+    if not args.tiny and not has_cuda:
+        parser.error("the 1.1B shape needs a CUDA GPU; pass --tiny to run a tiny shape on CPU")
+    device = torch.device("cuda" if has_cuda else "cpu")
+    shape = SHAPE_TINY if args.tiny else SHAPE_1B
+    batch = args.batch or (2 if args.tiny else 4)
+    seq = args.seq or (64 if args.tiny else 2048)
+    gib = 1024**3
+    for variant in args.variants.split(","):
+        row = run_variant(shape, variant.strip(), batch, seq, args.rank, device)
+        if args.json:
+            print(json.dumps(row))
+            continue
+        print(f"{variant} on {device}, batch {batch} x seq {seq}, bf16, AdamW")
+        for part in ("static", "activations", "total"):
+            est, meas = row[f"estimate_{part}"], row[f"measured_{part}"]
+            print(f"  {part:<12} estimate {est / gib:9.4f} GiB  measured {meas / gib:9.4f} GiB  ratio {est / meas:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""`zenft recommend` / `zenft estimate` front-ends against the Python API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_zenft.planning.commands import estimate_main, recommend_main
+from lightning_zenft.planning.memory import estimate_memory
+from lightning_zenft.planning.recommend import TASKS, recommend
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return str(directory)
+
+
+def test_recommend_json_matches_api_and_writes_yaml(tmp_path, capsys):
+    out = tmp_path / "run.yaml"
+    argv = ["--model", "7B", "--task", "instruction-simple", "--samples", "20000", "--gpu-mem", "24"]
+    assert recommend_main([*argv, "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    rec = recommend("7B", "instruction-simple", 20_000, 24.0)
+    assert printed == {**rec.to_dict(), "config_path": str(out)}
+    for key in ("method", "rank", "learning_rate", "epochs", "data_verdict", "reasons"):
+        assert key in printed
+    assert printed["method"] == "qlora"
+    assert yaml.safe_load(out.read_text()) == yaml.safe_load(rec.to_yaml())
+
+
+def test_recommend_text_output_and_default_path(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model", model_dir, "--task", "ner", "--samples", "20", "--divergent"]
+    assert recommend_main(argv) == 0
+    text = capsys.readouterr().out
+    rec = recommend(model_dir, "ner", 20, divergent=True)
+    assert rec.method == "full"
+    assert "method:" in text and "full" in text and rec.reasons["method"] in text
+    assert rec.data_verdict == "below minimum" and "below minimum" in text
+    config = yaml.safe_load((tmp_path / "recommended.yaml").read_text())
+    assert config["model"] == {"model": model_dir, "learning_rate": rec.learning_rate}
+    assert all(cb["class_path"] != "lightning_zenft.LoRA" for cb in config["trainer"]["callbacks"])
+
+
+def test_recommend_bad_task_lists_valid_tasks(capsys):
+    assert recommend_main(["--model", "7B", "--task", "poetry", "--samples", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "poetry" in err and all(task in err for task in TASKS)
+
+
+def test_bad_model_says_what_is_accepted(tmp_path, capsys):
+    argv = ["--model", "not-a-model", "--task", "ner", "--samples", "10", "--out", str(tmp_path / "x.yaml")]
+    assert recommend_main(argv) == 2
+    assert "neither a directory with a config.json nor a size like '7B'" in capsys.readouterr().err
+    assert not (tmp_path / "x.yaml").exists()
+    assert estimate_main(["--model", "not-a-model", "--method", "lora"]) == 2
+    assert "neither a directory with a config.json nor a size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "kwargs"),
+    [
+        (["--method", "full", "--batch", "4", "--seq", "2048"], dict(method="full", batch=4, seq=2048)),
+        (["--method", "qlora", "--rank", "8", "--gpus", "2", "--checkpointing", "--optimizer", "sgd"],
+         dict(method="qlora", rank=8, gpus=2, checkpointing=True, optimizer="sgd")),
+        (["--method", "lora", "--target-modules", "attention", "--lora-dropout", "0.1", "--precision", "fp32"],
+         dict(method="lora", target_modules="attention", lora_dropout=0.1, precision="fp32")),
+    ],
+)  # fmt: skip
+def test_estimate_json_matches_api(model_dir, capsys, argv, kwargs):
+    for model in ("7B", model_dir):
+        assert estimate_main(["--model", model, *argv, "--json"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        est = estimate_memory(model, **kwargs)
+        assert printed == est.to_dict()
+        parts = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes")
+        assert printed["total_bytes"] == sum(printed[key] for key in parts)
+
+
+def test_estimate_text_and_unused_flag_note(capsys):
+    assert estimate_main(["--model", "7B", "--method", "full", "--rank", "8"]) == 0
+    captured = capsys.readouterr()
+    assert "--rank not used by full fine-tuning" in captured.err
+    est = estimate_memory("7B", "full")
+    assert f"{est.total_bytes / 1024**3:9.2f} GiB" in captured.out
+    assert estimate_main(["--model", "7B", "--method", "dora"]) == 2
+    assert "invalid choice: 'dora'" in capsys.readouterr().err

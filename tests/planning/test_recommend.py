@@ -1,0 +1,205 @@
+"""Recipe rules: learning-rate interpolation and power law, rank/epoch/data thresholds, method choice, YAML."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from lightning_zenft.planning.memory import estimate_memory
+from lightning_zenft.planning.recommend import (
+    TASKS,
+    data_thresholds,
+    full_learning_rate,
+    lora_learning_rate,
+    lora_learning_rate_rule,
+    lora_size_learning_rate,
+    recommend,
+    recommend_epochs,
+    resolve_lora_rank_auto,
+)
+
+GIB = 1024**3
+SIZES = np.array([0.6e9, 7e9, 32e9])
+
+
+def loglog_reference(n_params: float, rates: list[float]) -> float:
+    """Independent reference: numpy's linear interpolation on logs (clamps at the ends)."""
+    return float(np.exp(np.interp(np.log(n_params), np.log(SIZES), np.log(rates))))
+
+
+@pytest.mark.parametrize("n_params", [0.1e9, 0.6e9, 1.1e9, 2.0e9, 7e9, 13e9, 32e9, 70e9])
+def test_size_learning_rates_interpolate_in_log_space(n_params):
+    assert full_learning_rate(n_params) == pytest.approx(loglog_reference(n_params, [2e-5, 1e-5, 5e-6]), rel=1e-9)
+    assert lora_size_learning_rate(n_params) == pytest.approx(loglog_reference(n_params, [3e-4, 2e-4, 1e-4]))
+
+
+def test_size_learning_rate_table_points_midpoint_and_clamp():
+    assert full_learning_rate(0.6e9) == pytest.approx(2e-5)
+    assert full_learning_rate(7e9) == pytest.approx(1e-5)
+    assert full_learning_rate(32e9) == pytest.approx(5e-6)
+    assert lora_size_learning_rate(7e9) == pytest.approx(2e-4)
+    # The geometric mean of two sizes gets the geometric mean of their rates.
+    mid = math.sqrt(0.6e9 * 7e9)
+    assert full_learning_rate(mid) == pytest.approx(math.sqrt(2e-5 * 1e-5))
+    assert lora_size_learning_rate(mid) == pytest.approx(math.sqrt(3e-4 * 2e-4))
+    assert full_learning_rate(0.1e9) == full_learning_rate(0.6e9)
+    assert lora_size_learning_rate(100e9) == lora_size_learning_rate(32e9)
+
+
+def test_power_law_sign_matches_the_study_table():
+    # Best LoRA rate measured at 7B against dataset size; larger sets tolerate higher rates.
+    table = {500: 1e-4, 5_000: 1e-4, 50_000: 3e-4, 500_000: 1e-3}
+
+    def log_error(k: float) -> float:
+        return sum((math.log(2e-4 * (n / 1e4) ** k) - math.log(lr)) ** 2 for n, lr in table.items())
+
+    assert log_error(+0.22) < log_error(-0.22) / 10
+    assert lora_learning_rate(7e9, 500) == pytest.approx(1.0e-4, rel=0.05)
+    assert lora_learning_rate(7e9, 50_000) == pytest.approx(2.9e-4, rel=0.05)
+    assert lora_learning_rate(7e9, 500_000) == pytest.approx(4.7e-4, rel=0.05)
+    assert lora_learning_rate(7e9, 10_000) == pytest.approx(2e-4)
+    rates = [lora_learning_rate(7e9, n) for n in (500, 5_000, 50_000, 500_000)]
+    assert rates == sorted(rates)
+
+
+def test_power_law_is_clamped_to_the_fitted_data_range():
+    assert lora_learning_rate(7e9, 100) == lora_learning_rate(7e9, 500)
+    assert lora_learning_rate(7e9, 5_000_000) == lora_learning_rate(7e9, 500_000)
+
+
+@pytest.mark.parametrize("n_params", [0.6e9, 3e9, 32e9])
+def test_power_law_scales_with_model_size(n_params):
+    for n in (1_000, 20_000):
+        expected = 2e-4 * (n / 1e4) ** 0.22 * loglog_reference(n_params, [3e-4, 2e-4, 1e-4]) / 2e-4
+        assert lora_learning_rate(n_params, n) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("breakpoint", [5_000, 100_000])
+def test_power_law_agrees_with_step_rule_at_breakpoints(breakpoint):
+    below, above = lora_learning_rate_rule(breakpoint - 1), lora_learning_rate_rule(breakpoint + 1)
+    assert below < above  # both rise with data
+    assert lora_learning_rate(7e9, breakpoint - 1) < lora_learning_rate(7e9, breakpoint + 1)
+    for n, step in ((breakpoint - 1, below), (breakpoint + 1, above)):
+        assert 0.5 < lora_learning_rate(7e9, n) / step < 2.0
+
+
+def test_step_rule_thresholds():
+    assert lora_learning_rate_rule(4_999) == 1e-4
+    assert lora_learning_rate_rule(5_000) == 2e-4
+    assert lora_learning_rate_rule(100_000) == 2e-4
+    assert lora_learning_rate_rule(100_001) == 3e-4
+
+
+def test_rank_thresholds():
+    assert resolve_lora_rank_auto(7e9, 4_999) == 16
+    assert resolve_lora_rank_auto(7e9, 5_000) == 32
+    assert resolve_lora_rank_auto(7e9, 10_000) == 32
+    assert resolve_lora_rank_auto(7e9, 10_001) == 64
+    with pytest.raises(ValueError, match="n_samples=0"):
+        resolve_lora_rank_auto(7e9, 0)
+
+
+def test_epoch_thresholds():
+    assert recommend_epochs(100) == 5 and recommend_epochs(4_999) == 5
+    assert recommend_epochs(5_000) == 3 and recommend_epochs(100_000) == 3
+    assert recommend_epochs(100_001) == 2 and recommend_epochs(500_000) == 2
+    assert recommend_epochs(500_001) == 1
+
+
+def test_data_thresholds_scale_as_n_to_the_0_3():
+    for task, (low, mid, high) in TASKS.items():
+        assert data_thresholds(task, 7e9) == {"minimum": low, "recommended": mid, "saturation": high}
+    scale = (0.6e9 / 7e9) ** 0.3
+    assert data_thresholds("code-repository", 0.6e9) == {
+        "minimum": round(20_000 * scale),
+        "recommended": round(100_000 * scale),
+        "saturation": round(1_000_000 * scale),
+    }
+    big, small = data_thresholds("domain-adaptation", 64e9), data_thresholds("domain-adaptation", 2e9)
+    assert big["saturation"] / small["saturation"] == pytest.approx(32**0.3, rel=1e-5)
+    with pytest.raises(ValueError, match="Valid tasks: classification, ner"):
+        data_thresholds("poetry", 7e9)
+
+
+@pytest.mark.parametrize("task", ["classification", "instruction-complex"])
+def test_data_verdict_on_both_sides_of_each_threshold(task):
+    t = data_thresholds(task, 1.1e9)
+    assert recommend("1.1B", task, t["minimum"] - 1).data_verdict == "below minimum"
+    assert recommend("1.1B", task, t["minimum"]).data_verdict == "fine"
+    assert recommend("1.1B", task, t["saturation"]).data_verdict == "fine"
+    assert recommend("1.1B", task, t["saturation"] + 1).data_verdict == "past saturation"
+    rec = recommend("1.1B", task, t["minimum"])
+    assert rec.data_thresholds == t
+    assert f"{t['saturation']:,}" in rec.reasons["data"]
+
+
+def test_full_finetuning_conditions():
+    assert recommend("7B", "ner", 20_000).method == "lora"
+    assert recommend("7B", "ner", 20_000, divergent=True).method == "full"
+    assert recommend("7B", "ner", 20_000, max_performance=True).method == "full"
+    assert recommend("7B", "ner", 20_000, nodes=2).method == "full"
+    assert recommend("7B", "ner", 500_000).method == "lora"
+    rec = recommend("7B", "ner", 500_001)
+    assert rec.method == "full" and "500,000" in rec.reasons["method"]
+    assert rec.rank is None and rec.alpha is None and rec.target_modules is None
+    assert rec.learning_rate == pytest.approx(full_learning_rate(7e9))
+
+
+def test_qlora_when_bf16_base_does_not_fit_but_4bit_does():
+    lora = estimate_memory("7B", "lora", rank=64).total_bytes
+    qlora = estimate_memory("7B", "qlora", rank=64).total_bytes
+    between = (lora + qlora) / 2 / 0.9 / GIB  # GiB such that 90% of it lies between the two estimates
+    rec = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=between)
+    assert rec.method == "qlora"
+    assert "does not fit" in rec.reasons["method"] and "fits" in rec.reasons["memory"]
+    assert rec.memory_bytes == {"full": rec.memory_bytes["full"], "lora": lora, "qlora": qlora}
+    assert recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=lora / 0.9 / GIB * 1.01).method == "lora"
+    tiny = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=4)
+    assert tiny.method == "qlora" and "even QLoRA" in tiny.reasons["method"]
+    assert "does NOT fit" in tiny.reasons["memory"]
+
+
+def test_full_finetuning_falls_back_when_it_does_not_fit():
+    rec = recommend("7B", "ner", 20_000, gpu_mem_gb=80, divergent=True)
+    assert rec.method == "lora"
+    assert "diverges" in rec.reasons["method"] and "falling back" in rec.reasons["method"]
+    # Sharded over 2 nodes x 8 GPUs it fits: 112 GB / 16 plus activations.
+    sharded = recommend("7B", "ner", 20_000, gpu_mem_gb=80, nodes=2, gpus=8)
+    assert sharded.method == "full"
+    expected = estimate_memory("7B", "full", gpus=16).total_bytes
+    assert sharded.memory_bytes["full"] == expected < 0.9 * 80 * GIB
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "method"),
+    [({}, "lora"), ({"gpu_mem_gb": 20}, "qlora"), ({"nodes": 4, "gpus": 8, "gpu_mem_gb": 80}, "full")],
+)
+def test_yaml_follows_the_fit_schema(kwargs, method):
+    rec = recommend("7B", "instruction-simple", 20_000, **kwargs)
+    assert rec.method == method
+    config = yaml.safe_load(rec.to_yaml())
+    assert set(config) == {"seed_everything", "trainer", "model", "data"}
+    assert config["seed_everything"] == 0
+    assert config["trainer"]["max_epochs"] == rec.epochs == 3
+    callbacks = {cb["class_path"]: cb["init_args"] for cb in config["trainer"]["callbacks"]}
+    assert callbacks["lightning.pytorch.callbacks.EarlyStopping"] == {"monitor": "val_loss", "patience": 2}
+    if method == "full":
+        assert "lightning_zenft.LoRA" not in callbacks
+    else:
+        assert callbacks["lightning_zenft.LoRA"] == {"r": 64, "alpha": 128, "target_modules": "all-linear",
+                                                     "dropout": 0.05}  # fmt: skip
+    plugins = config["trainer"].get("plugins", [])
+    assert (plugins == [{"class_path": "lightning_zenft.NF4Precision"}]) == (method == "qlora")
+    assert config["model"] == {"model": "7B", "learning_rate": rec.learning_rate}
+    assert config["data"] == {"train_file": "train.jsonl", "val_fraction": 0.05}
+
+
+def test_recommended_rates_are_the_laws_rounded():
+    rec = recommend("0.6B", "classification", 3_000)
+    assert (rec.method, rec.rank, rec.alpha, rec.epochs) == ("lora", 16, 32, 5)
+    assert rec.learning_rate == pytest.approx(lora_learning_rate(0.6e9, 3_000), rel=0.05)
+    assert set(rec.reasons) == {"data", "memory", "method", "rank", "learning_rate", "epochs"}
+    assert "early" in rec.reasons["epochs"]
