@@ -18,12 +18,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_zenft import LoRA, SaveAdapter, disable_adapters
-from lightning_zenft.data import general_probe_batches
-from lightning_zenft.data.datamodule import TextDataModule
+from lightning_zenft import CausalLMModule, LoRA, SaveAdapter, TextDataModule, disable_adapters, general_probe_batches
 from lightning_zenft.data.paths import DEFAULT_TASK_VAL_FILE
 from lightning_zenft.data.text import read_records
-from lightning_zenft.lm import CausalLMModule
 
 
 class PrintLoss(Callback):

@@ -12,8 +12,10 @@ from lightning_zenft.adapters import (
 from lightning_zenft.callbacks.adapters import DoRA, LoRA, trainable_parameters
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.config import LoRAConfig
+from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
 from lightning_zenft.inject import count_parameters, inject_adapters, match_targets, unload_adapters
 from lightning_zenft.io import load_adapter, save_adapter
+from lightning_zenft.lm import CausalLMModule
 from lightning_zenft.planning import (
     MemoryEstimate,
     Recommendation,
@@ -26,6 +28,11 @@ from lightning_zenft.planning import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_BASE_MODEL_DIR",
+    "DEFAULT_TASK_FILE",
+    "CausalLMModule",
+    "TextDataModule",
+    "general_probe_batches",
     "AdapterModule",
     "DoRA",
     "DoRALinear",
