@@ -1,0 +1,72 @@
+"""When the Triton paths run, and the lazy import of Triton itself.
+
+Triton kernels run on CUDA tensors, or on CPU tensors when Triton's interpreter is on (``TRITON_INTERPRET=1`` in the
+environment before the first kernel module is imported; Triton reads it when ``@triton.jit`` decorates a function).
+Everything else runs the same math with torch ops, so every kernel works on any device.
+
+The modules holding ``@triton.jit`` code (``_matmul_triton``, ``_nf4_triton``, ``_glu_triton``) are imported only from
+the launchers below, never at package import: importing ``lightning_zenft`` needs no Triton.
+
+Example::
+
+    from lightning_zenft.kernels import triton_enabled
+    triton_enabled(torch.randn(2, device="cuda"))  # True where Triton is installed
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+_DISABLED = False
+
+
+def interpret_mode() -> bool:
+    """True when ``TRITON_INTERPRET=1``: Triton kernels then run (slowly) on CPU tensors, for tests."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_installed() -> bool:
+    """True when ``import triton`` would work."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def set_triton_enabled(enabled: bool) -> None:
+    """Turn every Triton path off (``False``) or back on, process-wide; the torch paths compute the same math.
+
+    Example::
+
+        set_triton_enabled(False)   # e.g. to compare against the torch path in a benchmark
+    """
+    global _DISABLED
+    _DISABLED = not enabled
+
+
+def triton_enabled(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton path should run for these tensors: all on CUDA (or the interpreter forced), Triton present."""
+    if _DISABLED or not triton_installed():
+        return False
+    if interpret_mode():
+        return all(t.device.type == "cpu" for t in tensors)
+    return all(t.is_cuda for t in tensors)
+
+
+def require_triton() -> ModuleType:
+    """``import triton``, or an error that says how to install it."""
+    try:
+        import triton
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "this lightning_zenft kernel needs Triton; install it with `pip install triton` "
+            "(or `pip install lightning_zenft[kernels]`), or run on the torch path with set_triton_enabled(False)."
+        ) from err
+    return triton
+
+
+def triton_module(name: str) -> ModuleType:
+    """Import ``lightning_zenft.kernels.<name>`` (a module with ``@triton.jit`` code) on first use."""
+    require_triton()
+    return importlib.import_module(f"lightning_zenft.kernels.{name}")

@@ -1,0 +1,137 @@
+r"""``C = [C_0] + X W + P Q + b``: the product every fused LoRA kernel is made of, on the faster of two back ends.
+
+.. math::  C = C_0 + X W + P Q + \mathbf{1} b^T
+           \qquad (X: M \times K,\; W: K \times N,\; P: M \times R,\; Q: R \times N)
+
+* ``"torch"``: cuBLAS ``addmm`` for ``X W + b``, then ``addmm_`` (in place, ``beta = 1``) for ``C_0`` and ``P Q``;
+  no temporary beyond ``C``.
+* ``"triton"``: one Triton GEMM that adds ``P Q``, ``b`` and ``C_0`` to its fp32 tile before the single store
+  (``_matmul_triton``), saving the re-read and re-write of ``C`` that ``addmm_`` costs.
+* ``"auto"`` (the default): on CUDA, the first call for each shape times both once and keeps the faster, so Triton
+  runs where it beats cuBLAS and cuBLAS where it does not; on CPU, torch, unless Triton's interpreter is forced
+  (``TRITON_INTERPRET=1``, tests), then Triton.
+
+Example::
+
+    c = lowrank_matmul(x, w.t(), p=xa, q=(s * b).t(), bias=bias)   # x @ w.T + s * xa @ b.T + bias
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from lightning_zenft.kernels._triton import interpret_mode, triton_enabled, triton_module
+
+EpilogueBackend = Literal["auto", "triton", "torch"]
+_BACKEND: EpilogueBackend = "auto"
+_CHOICE: dict[tuple, bool] = {}
+
+
+def set_matmul_backend(backend: EpilogueBackend) -> None:
+    """Pick the back end of :func:`lowrank_matmul` process-wide: ``"auto"``, ``"triton"`` or ``"torch"``.
+
+    Example::
+
+        set_matmul_backend("torch")   # cuBLAS only, e.g. to measure what the Triton epilogue buys
+    """
+    global _BACKEND
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"matmul backend={backend!r} is not one of 'auto', 'triton', 'torch'.")
+    _BACKEND = backend
+    _CHOICE.clear()
+
+
+def _torch_path(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    p: torch.Tensor | None,
+    q: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    c0: torch.Tensor | None,
+) -> torch.Tensor:
+    if c0 is not None:
+        out = c0.addmm_(x, w)  # (M, N), in place on the caller's accumulator
+        if bias is not None:
+            out.add_(bias)
+    elif bias is not None:
+        out = torch.addmm(bias, x, w)  # (M, N)
+    else:
+        out = torch.mm(x, w)  # (M, N)
+    if p is not None and q is not None:
+        out.addmm_(p, q)
+    return out
+
+
+def _triton_path(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    p: torch.Tensor | None,
+    q: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    c0: torch.Tensor | None,
+) -> torch.Tensor:
+    kernel = triton_module("_matmul_triton")
+    if p is not None and q is not None and q.dtype != p.dtype:
+        q = q.to(p.dtype)
+    return kernel.lowrank_matmul_triton(x, w, p, q, bias, c0)
+
+
+def _time_ms(fn: object, reps: int = 5) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()  # warm-up (and Triton's own autotuning)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def _use_triton(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    p: torch.Tensor | None,
+    q: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    c0: torch.Tensor | None,
+) -> bool:
+    if _BACKEND == "torch" or not triton_enabled(x, w):
+        return False
+    if _BACKEND == "triton" or interpret_mode():
+        return True
+    r = 0 if p is None else p.shape[1]
+    m_bucket = 1 << max(x.shape[0] - 1, 0).bit_length()  # one choice per power-of-two token count
+    key = (m_bucket, tuple(w.shape), r, x.dtype, bias is not None, c0 is not None, x.device.index)
+    choice = _CHOICE.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        scratch = None if c0 is None else c0.clone()
+        torch_ms = _time_ms(lambda: _torch_path(x, w, p, q, bias, None if scratch is None else scratch.copy_(c0)))
+        triton_ms = _time_ms(lambda: _triton_path(x, w, p, q, bias, c0))
+        choice = _CHOICE[key] = triton_ms < torch_ms
+    return choice
+
+
+def lowrank_matmul(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    p: torch.Tensor | None = None,
+    q: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    c0: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``c0 + x @ w + p @ q + bias`` for 2-D ``x (M, K)``, ``w (K, N)``, ``p (M, R)``, ``q (R, N)``, ``bias (N,)``.
+
+    ``w`` may be a transposed view (``weight.t()``): no copy is made. ``c0`` is an accumulator the call may overwrite
+    (the torch path adds into it in place; the Triton path returns a new tensor).
+    """
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"lowrank_matmul needs x (M, K) and w (K, N); got x {tuple(x.shape)}, w {tuple(w.shape)}.")
+    if (p is None) != (q is None):
+        raise ValueError("lowrank_matmul needs both p and q for the low-rank term, or neither.")
+    if _use_triton(x, w, p, q, bias, c0):
+        return _triton_path(x, w, p, q, bias, c0)
+    return _torch_path(x, w, p, q, bias, c0)

@@ -1,0 +1,226 @@
+"""Parity of the fused LoRA kernels with plain PyTorch: forward and every gradient, fp32 and bf16, odd shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_zenft.kernels import (
+    LoRAProjection,
+    dropout_mask,
+    fused_lora,
+    fused_lora_group,
+    fused_lora_mlp,
+    glu_reference,
+    lora_reference,
+    lowrank_matmul,
+)
+from lightning_zenft.kernels.lora import ProjectionPlan
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def close(got: torch.Tensor | None, want: torch.Tensor | None, dtype: torch.dtype, what: str) -> None:
+    """``got`` (computed in ``dtype``) against an fp32 reference, tolerance scaled to the values' magnitude."""
+    assert got is not None and want is not None, f"{what}: missing gradient"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    scale = want.float().abs().max().clamp_min(1.0)
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    err = (got.float() - want.float()).abs().max()
+    assert err <= tol * scale, f"{what}: max error {err.item():.3g} > {tol * scale.item():.3g}"
+
+
+def leaf(*shape: int, dtype: torch.dtype, grad: bool = True, scale: float = 1.0) -> torch.Tensor:
+    return (torch.randn(*shape) * scale).to(dtype).requires_grad_(grad)
+
+
+def ref_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lowrank_matmul_all_terms(backend: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x, w = torch.randn(7, 33).to(dtype), torch.randn(65, 33).to(dtype)
+    p, q = torch.randn(7, 3).to(dtype), torch.randn(3, 65).to(dtype)
+    bias, c0 = torch.randn(65).to(dtype), torch.randn(7, 65).to(dtype)
+    want = c0.float() + x.float() @ w.float().t() + p.float() @ q.float() + bias.float()
+    close(lowrank_matmul(x, w.t(), p, q, bias, c0.clone()), want, dtype, "c0 + x w + p q + b")
+    close(lowrank_matmul(x, w.t()), x.float() @ w.float().t(), dtype, "x w")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias_mode", ["trainable", "frozen", "none"])
+def test_fused_lora_matches_reference(backend: str, dtype: torch.dtype, bias_mode: str) -> None:
+    if backend == "triton" and bias_mode == "frozen":
+        pytest.skip("the bias path is covered by 'trainable'; keeps the interpreter run short")
+    torch.manual_seed(1)
+    batch, m, k, n, r, s = 2, 7, 33, 65, 3, 0.7
+    x = leaf(batch, m, k, dtype=dtype)
+    w = leaf(n, k, dtype=dtype, grad=False)
+    a, b = leaf(r, k, dtype=dtype, scale=0.3), leaf(n, r, dtype=dtype, scale=0.3)
+    bias = None if bias_mode == "none" else leaf(n, dtype=dtype, grad=bias_mode == "trainable")
+
+    y = fused_lora(x, w, a, b, s, bias)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xr, wr, ar, br, biasr = (ref_copy(t) for t in (x, w, a, b, bias))
+    yr = lora_reference(xr, wr, ar, br, s, biasr)
+    yr.backward(dy.float())
+
+    assert y.dtype == dtype
+    close(y, yr, dtype, "forward")
+    close(x.grad, xr.grad, dtype, "dx")
+    close(a.grad, ar.grad, dtype, "dA")
+    close(b.grad, br.grad, dtype, "dB")
+    if bias_mode == "trainable":
+        close(bias.grad, biasr.grad, dtype, "dbias")
+    elif bias is not None:
+        assert bias.grad is None
+    assert w.grad is None, "the frozen base weight must get no gradient"
+
+
+def test_fused_lora_dropout_uses_one_mask_in_forward_and_backward(backend: str) -> None:
+    dtype = torch.float32
+    torch.manual_seed(2)
+    x = leaf(5, 17, dtype=dtype)
+    w = leaf(9, 17, dtype=dtype, grad=False)
+    a, b = leaf(4, 17, dtype=dtype), leaf(9, 4, dtype=dtype)
+    p = 0.4
+    state = torch.get_rng_state()
+    y = fused_lora(x, w, a, b, 1.5, dropout=p)
+    torch.set_rng_state(state)
+    seed = ProjectionPlan([LoRAProjection(w, None, a, b, 1.5, p)], training=True).seeds[0]
+    mask = dropout_mask(torch.Size((5, 17)), p, seed, x.device, dtype)
+    assert 0 < (mask == 0).sum() < mask.numel()
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    xr, ar, br = (ref_copy(t) for t in (x, a, b))
+    yr = lora_reference(xr, w, ar, br, 1.5, dropout_multiplier=mask)
+    yr.backward(dy)
+    close(y, yr, dtype, "forward")
+    close(x.grad, xr.grad, dtype, "dx")
+    close(a.grad, ar.grad, dtype, "dA")
+    close(b.grad, br.grad, dtype, "dB")
+    # eval mode: dropout off
+    torch.testing.assert_close(fused_lora(x, w, a, b, 1.5, dropout=p, training=False), lora_reference(x, w, a, b, 1.5))
+
+
+def test_fused_lora_rejects_a_trainable_base_weight() -> None:
+    w = torch.randn(4, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="base weight requires grad"):
+        fused_lora(torch.randn(2, 3), w, torch.randn(2, 3), torch.randn(4, 2), 1.0)
+    with pytest.raises(ValueError, match="expected weight"):
+        fused_lora(torch.randn(2, 5), w.detach(), torch.randn(2, 3), torch.randn(4, 2), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_of_three_matches_three_references(backend: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(3)
+    m, k = 7, 33
+    outs, ranks, drop = [65, 17, 17], [3, 5, 2], [0.0, 0.0, 0.5]
+    x = leaf(m, k, dtype=dtype)
+    ws = [leaf(n, k, dtype=dtype, grad=False) for n in outs]
+    as_ = [leaf(r, k, dtype=dtype, scale=0.3) for r in ranks]
+    bs = [leaf(n, r, dtype=dtype, scale=0.3) for n, r in zip(outs, ranks, strict=True)]
+    biases = [leaf(outs[0], dtype=dtype), None, leaf(outs[2], dtype=dtype, grad=False)]
+    projs = [LoRAProjection(ws[i], biases[i], as_[i], bs[i], 0.5 + i, drop[i]) for i in range(3)]
+    state = torch.get_rng_state()
+    ys = fused_lora_group(x, projs)
+    torch.set_rng_state(state)
+    seed = ProjectionPlan(projs, training=True).seeds[2]
+    mask = dropout_mask(torch.Size((m, k)), 0.5, seed, x.device, dtype)
+    dys = [torch.randn_like(y) for y in ys]
+    torch.autograd.backward(ys, dys)
+
+    xr = ref_copy(x)
+    refs = []
+    for i in range(3):
+        ar, br, biasr = ref_copy(as_[i]), ref_copy(bs[i]), ref_copy(biases[i])
+        yr = lora_reference(xr, ws[i].float(), ar, br, 0.5 + i, biasr, mask if i == 2 else None)
+        yr.backward(dys[i].float())
+        refs.append((yr, ar, br, biasr))
+    for i, (yr, ar, br, _) in enumerate(refs):
+        close(ys[i], yr, dtype, f"y{i}")
+        close(as_[i].grad, ar.grad, dtype, f"dA{i}")
+        close(bs[i].grad, br.grad, dtype, f"dB{i}")
+    close(biases[0].grad, refs[0][3].grad, dtype, "dbias0")
+    close(x.grad, xr.grad, dtype, "dx (sum over the group)")
+    assert all(w.grad is None for w in ws)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "act"), [(torch.float32, "silu"), (torch.bfloat16, "silu"), (torch.float32, "gelu_tanh")]
+)
+def test_mlp_matches_reference(backend: str, dtype: torch.dtype, act: str) -> None:
+    torch.manual_seed(4)
+    m, hidden, inter, r = 7, 33, 65, 3
+    x = leaf(2, m, hidden, dtype=dtype)
+    wg, wu = leaf(inter, hidden, dtype=dtype, grad=False, scale=0.3), leaf(inter, hidden, dtype=dtype, grad=False)
+    wd = leaf(hidden, inter, dtype=dtype, grad=False, scale=0.3)
+    a = [leaf(r, hidden, dtype=dtype, scale=0.3), leaf(r, hidden, dtype=dtype, scale=0.3), leaf(r, inter, dtype=dtype)]
+    b = [leaf(inter, r, dtype=dtype, scale=0.3), leaf(inter, r, dtype=dtype, scale=0.3), leaf(hidden, r, dtype=dtype)]
+    bias_u = leaf(inter, dtype=dtype)
+    gate = LoRAProjection(wg, None, a[0], b[0], 2.0)
+    up = LoRAProjection(wu, bias_u, a[1], b[1], 2.0)
+    down = LoRAProjection(wd, None, a[2], b[2], 0.5)
+    y = fused_lora_mlp(x, gate, up, down, act)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    xr, ar, br, bias_ur = ref_copy(x), [ref_copy(t) for t in a], [ref_copy(t) for t in b], ref_copy(bias_u)
+    g = lora_reference(xr, wg.float(), ar[0], br[0], 2.0)
+    u = lora_reference(xr, wu.float(), ar[1], br[1], 2.0, bias_ur)
+    yr = lora_reference(glu_reference(g, u, act), wd.float(), ar[2], br[2], 0.5)
+    yr.backward(dy.float())
+    close(y, yr, dtype, "forward")
+    close(x.grad, xr.grad, dtype, "dx")
+    close(bias_u.grad, bias_ur.grad, dtype, "dbias_up")
+    for i, name in enumerate(("gate", "up", "down")):
+        close(a[i].grad, ar[i].grad, dtype, f"dA_{name}")
+        close(b[i].grad, br[i].grad, dtype, f"dB_{name}")
+    assert all(w.grad is None for w in (wg, wu, wd))
+
+
+def test_mlp_saves_no_intermediate_activation() -> None:
+    """Saved for backward: x, g, u and the (M, r) low-rank activations; never h = act(g) * u."""
+    torch.manual_seed(5)
+    m, hidden, inter, r = 6, 8, 24, 2
+    x = leaf(m, hidden, dtype=torch.float32)
+    proj = [
+        LoRAProjection(
+            torch.randn(inter, hidden),
+            None,
+            leaf(r, hidden, dtype=torch.float32),
+            leaf(inter, r, dtype=torch.float32),
+            1.0,
+        ),
+        LoRAProjection(
+            torch.randn(inter, hidden),
+            None,
+            leaf(r, hidden, dtype=torch.float32),
+            leaf(inter, r, dtype=torch.float32),
+            1.0,
+        ),
+        LoRAProjection(
+            torch.randn(hidden, inter),
+            None,
+            leaf(r, inter, dtype=torch.float32),
+            leaf(hidden, r, dtype=torch.float32),
+            1.0,
+        ),
+    ]
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        fused_lora_mlp(x, *proj)
+    activations = [s for s in saved if s[0] == m]
+    assert sorted(activations) == sorted(
+        [
+            torch.Size([m, hidden]),
+            torch.Size([m, inter]),
+            torch.Size([m, inter]),
+            torch.Size([m, r]),
+            torch.Size([m, r]),
+            torch.Size([m, r]),
+        ]
+    )
