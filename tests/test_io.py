@@ -153,3 +153,25 @@ def test_save_without_adapters_errors():
 
     with pytest.raises(ValueError, match="holds no adapter layers"):
         save_adapter(tiny_model("llama"), "unused")
+
+
+def test_trained_norms_and_bias_all_load_in_peft(saved_base, tmp_path):
+    from peft import PeftModel
+
+    base_dir = saved_base("llama")
+    ours = load_base(base_dir)
+    inject_adapters(ours, LoRAConfig(r=2, target_modules="attention", trainable_norms=True))
+    _randomize(ours)
+    save_adapter(ours, tmp_path / "norms")
+    peft_model = PeftModel.from_pretrained(load_base(base_dir), tmp_path / "norms").eval()
+    ids = token_batch()
+    torch.testing.assert_close(_logits(peft_model, ids), _logits(ours, ids), atol=1e-5, rtol=1e-5)
+
+    gpt2_dir = saved_base("gpt2")
+    ours = load_base(gpt2_dir)
+    inject_adapters(ours, LoRAConfig(r=2, target_modules="mlp", bias="all"))
+    _randomize(ours)
+    save_adapter(ours, tmp_path / "bias")
+    assert json.loads((tmp_path / "bias" / "adapter_config.json").read_text())["bias"] == "all"
+    peft_model = PeftModel.from_pretrained(load_base(gpt2_dir), tmp_path / "bias").eval()
+    torch.testing.assert_close(_logits(peft_model, ids), _logits(ours, ids), atol=1e-5, rtol=1e-5)
