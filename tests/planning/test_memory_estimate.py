@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lightning_zenft import LoRAConfig, inject_adapters
 from lightning_zenft.planning.memory import NF4_BITS_PER_WEIGHT, estimate_memory, resolve_target_modules
 from lightning_zenft.planning.model_info import LINEAR_NAMES, resolve_model
 
@@ -35,29 +35,9 @@ SHAPES = {
 }  # fmt: skip
 
 
-class LowRank(nn.Module):
-    """A frozen linear layer plus a trainable low-rank path, ``base(x) + B(A(dropout(x)))``."""
-
-    def __init__(self, base: nn.Linear, rank: int, dropout: float) -> None:
-        super().__init__()
-        self.base = base
-        dtype = base.weight.dtype
-        self.A = nn.Parameter(torch.randn(rank, base.in_features, dtype=dtype) / base.in_features)
-        self.B = nn.Parameter(torch.randn(base.out_features, rank, dtype=dtype) / rank)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.A), self.B)  # (B, T, r) in the middle
-
-
 def add_low_rank(model: LlamaForCausalLM, rank: int, targets: tuple[str, ...], dropout: float) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in targets:
-                if hasattr(parent, name):
-                    setattr(parent, name, LowRank(getattr(parent, name), rank, dropout))
+    """The library's own LoRA layers on ``targets``, base frozen (what the estimate describes)."""
+    inject_adapters(model, LoRAConfig(r=rank, dropout=dropout, target_modules=list(targets)))
 
 
 def measure(model: nn.Module, ids: torch.Tensor) -> dict[str, int]:
