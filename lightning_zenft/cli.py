@@ -24,6 +24,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
 HELPER_COMMANDS = ("recommend", "estimate")
+DESCRIPTION = (
+    "Fine-tune a causal LM with Lightning: zenft fit|validate|test --config run.yaml. "
+    "Planning: zenft recommend --help (method, rank, learning rate, epochs, data verdict) and "
+    "zenft estimate --help (per-GPU memory)."
+)
 
 
 class ZenftCLI(LightningCLI):
@@ -49,18 +54,19 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> ZenftCLI:
     from lightning_zenft.lm import CausalLMModule
 
     kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    kwargs.setdefault("parser_kwargs", {"description": DESCRIPTION})
     return ZenftCLI(CausalLMModule, TextDataModule, args=args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``zenft``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in HELPER_COMMANDS:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in HELPER_COMMANDS:
         from lightning_zenft.planning.commands import estimate_main, recommend_main
 
-        handler = recommend_main if argv[0] == "recommend" else estimate_main
-        return handler(argv[1:])
-    cli_main(argv)
+        handler = recommend_main if args[0] == "recommend" else estimate_main
+        return handler(args[1:])
+    cli_main(argv)  # None: LightningCLI reads sys.argv itself
     return 0
 
 
