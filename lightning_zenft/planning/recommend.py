@@ -427,7 +427,10 @@ def recommend(
             notes.append(f"the bf16 base with LoRA needs {_gib(memory_bytes['lora'])}, which does not fit")
             method = "qlora"
             if fits("qlora"):
-                notes.append(f"a 4-bit base (QLoRA) needs {_gib(memory_bytes['qlora'])}, which fits")
+                notes.append(
+                    f"a 4-bit base (QLoRA) needs {_gib(memory_bytes['qlora'])}, which fits (the config names the "
+                    "NF4Precision plugin, which this version of lightning_zenft does not ship yet)"
+                )
             else:
                 notes.append(
                     f"even QLoRA needs {_gib(memory_bytes['qlora'])}: lower the batch or sequence length, enable "
