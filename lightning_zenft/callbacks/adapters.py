@@ -30,6 +30,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_zenft.adapters import DoRALinear, LoRALinear, adapter_parameter_names, find_adapters
+from lightning_zenft.adapters._base import is_adaptable_linear
 from lightning_zenft.config import LoRAConfig, TargetSpec
 from lightning_zenft.inject import count_parameters, inject_adapters, pattern_value
 
@@ -267,8 +268,6 @@ def _accept_adapter_only_state(pl_module: pl.LightningModule, trainable: set[str
 
 
 def _has_linear_layers(module: nn.Module) -> bool:
-    from lightning_zenft.adapters._base import is_adaptable_linear
-
     return any(is_adaptable_linear(m) for m in module.modules())
 
 
