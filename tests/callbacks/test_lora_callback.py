@@ -155,3 +155,14 @@ def test_auto_rank_follows_the_recommendation(tmp_path):
     expected = resolve_lora_rank_auto(n_params, 16)  # TinyLM trains on 16 sequences
     assert {layer.r for _, layer in find_adapters(module)} == {expected}
     assert lora.config.alpha == 2 * expected
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_fit_under_lightning_precision(tmp_path, precision):
+    module = TinyLM("llama")
+    make_trainer(tmp_path, [LoRA(r=4)], max_steps=3, precision=precision).fit(module)
+    layers = [layer for _, layer in find_adapters(module)]
+    expected = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert all(layer.lora_A.weight.dtype == expected for layer in layers)
+    assert all(layer.lora_B.weight.abs().sum() > 0 for layer in layers)
+    assert len(module.losses) == 3 and all(torch.isfinite(torch.tensor(module.losses)))
