@@ -187,29 +187,12 @@ def test_mlp_saves_no_intermediate_activation() -> None:
     torch.manual_seed(5)
     m, hidden, inter, r = 6, 8, 24, 2
     x = leaf(m, hidden, dtype=torch.float32)
-    proj = [
-        LoRAProjection(
-            torch.randn(inter, hidden),
-            None,
-            leaf(r, hidden, dtype=torch.float32),
-            leaf(inter, r, dtype=torch.float32),
-            1.0,
-        ),
-        LoRAProjection(
-            torch.randn(inter, hidden),
-            None,
-            leaf(r, hidden, dtype=torch.float32),
-            leaf(inter, r, dtype=torch.float32),
-            1.0,
-        ),
-        LoRAProjection(
-            torch.randn(hidden, inter),
-            None,
-            leaf(r, inter, dtype=torch.float32),
-            leaf(hidden, r, dtype=torch.float32),
-            1.0,
-        ),
-    ]
+
+    def projection(n_out: int, n_in: int) -> LoRAProjection:
+        f32 = torch.float32
+        return LoRAProjection(torch.randn(n_out, n_in), None, leaf(r, n_in, dtype=f32), leaf(n_out, r, dtype=f32), 1.0)
+
+    proj = [projection(inter, hidden), projection(inter, hidden), projection(hidden, inter)]
     saved: list[torch.Size] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         fused_lora_mlp(x, *proj)
