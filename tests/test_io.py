@@ -175,3 +175,18 @@ def test_trained_norms_and_bias_all_load_in_peft(saved_base, tmp_path):
     assert json.loads((tmp_path / "bias" / "adapter_config.json").read_text())["bias"] == "all"
     peft_model = PeftModel.from_pretrained(load_base(gpt2_dir), tmp_path / "bias").eval()
     torch.testing.assert_close(_logits(peft_model, ids), _logits(ours, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_peft_regex_targets_and_exclusions_load_here(saved_base, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base_dir = saved_base("llama")
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=r".*\.(q_proj|v_proj|up_proj)", exclude_modules=["up_proj"])
+    peft_model = get_peft_model(load_base(base_dir), config)
+    _randomize(peft_model, seed=2)
+    peft_model.eval().save_pretrained(tmp_path / "regex")
+    ours = load_base(base_dir)
+    names = load_adapter(ours, tmp_path / "regex")
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "v_proj"} and len(names) == 4
+    ids = token_batch()
+    torch.testing.assert_close(_logits(ours.eval(), ids), _logits(peft_model, ids), atol=1e-5, rtol=1e-5)
