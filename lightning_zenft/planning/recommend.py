@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from lightning_zenft.planning.memory import estimate_memory
@@ -305,7 +306,10 @@ class Recommendation:
             import yaml
         except ImportError as err:  # pragma: no cover - pyyaml ships with jsonargparse
             raise ImportError("Writing the YAML config needs PyYAML: pip install pyyaml") from err
-        return yaml.safe_dump(self.to_config(train_file, val_fraction), sort_keys=False)
+        text = yaml.safe_dump(self.to_config(train_file, val_fraction), sort_keys=False)
+        if not Path(self.model).is_dir():
+            text = f"# model.model is the size {self.model!r}: set it to the model's directory before running.\n" + text
+        return text
 
 
 def _gib(value: int) -> str:

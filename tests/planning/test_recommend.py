@@ -203,3 +203,14 @@ def test_recommended_rates_are_the_laws_rounded():
     assert rec.learning_rate == pytest.approx(lora_learning_rate(0.6e9, 3_000), rel=0.05)
     assert set(rec.reasons) == {"data", "memory", "method", "rank", "learning_rate", "epochs"}
     assert "early" in rec.reasons["epochs"]
+
+
+def test_yaml_for_a_size_string_says_to_set_the_directory(tmp_path):
+    import yaml
+
+    text = recommend("7B", "instruction-simple", 20_000, 24).to_yaml()
+    assert text.startswith("# model.model is the size '7B'")
+    assert yaml.safe_load(text)["model"]["model"] == "7B"
+    from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR
+
+    assert not recommend(str(DEFAULT_BASE_MODEL_DIR), "instruction-simple", 2_000).to_yaml().startswith("#")
