@@ -26,9 +26,10 @@ import json
 import tempfile
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lightning_zenft import LoRAConfig, inject_adapters
+from lightning_zenft.planning.measure import saved_activation_bytes
 from lightning_zenft.planning.memory import estimate_memory
 from lightning_zenft.planning.model_info import LINEAR_NAMES, resolve_model
 
@@ -38,44 +39,9 @@ SHAPE_TINY = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, n
                   num_key_value_heads=2, vocab_size=512)  # fmt: skip
 
 
-class LowRankLinear(nn.Module):
-    """Frozen linear layer plus a trainable low-rank path: ``base(x) + x A^T B^T``."""
-
-    def __init__(self, base: nn.Linear, rank: int) -> None:
-        super().__init__()
-        self.base = base
-        kwargs = {"dtype": base.weight.dtype, "device": base.weight.device}
-        self.A = nn.Parameter(torch.randn(rank, base.in_features, **kwargs) / base.in_features)
-        self.B = nn.Parameter(torch.zeros(base.out_features, rank, **kwargs))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(x, self.A), self.B)  # (B, T, r) in the middle
-
-
 def add_adapters(model: nn.Module, rank: int) -> None:
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in model.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in LINEAR_NAMES:
-                if hasattr(parent, name):
-                    setattr(parent, name, LowRankLinear(getattr(parent, name), rank))
-
-
-def saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Run a forward pass, returning the loss and the unique non-parameter storage bytes saved for backward."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_ptrs:
-            saved.setdefault(storage.data_ptr(), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
-    return loss, sum(saved.values())
+    """The library's own LoRA layers on every linear layer of the blocks, base frozen."""
+    inject_adapters(model, LoRAConfig(r=rank, target_modules=list(LINEAR_NAMES)))
 
 
 def run_variant(config_kwargs: dict, variant: str, batch: int, seq: int, rank: int, device: torch.device) -> dict:

@@ -27,6 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_zenft import LoRAConfig, inject_adapters
 from lightning_zenft.adapters.fused import finalize_shared_inputs, fuse_lora_layers
+from lightning_zenft.planning.measure import saved_activation_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -59,19 +60,9 @@ def build(args: argparse.Namespace, mode: str) -> torch.nn.Module:
 
 
 def saved_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved.setdefault(storage.data_ptr(), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
+    loss, saved = saved_activation_bytes(model, ids)
     loss.backward()
-    return sum(saved.values())
+    return saved
 
 
 def main() -> None:

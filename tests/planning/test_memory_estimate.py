@@ -10,6 +10,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_zenft import LoRAConfig, inject_adapters
+from lightning_zenft.planning.measure import saved_activation_bytes
 from lightning_zenft.planning.memory import NF4_BITS_PER_WEIGHT, estimate_memory, resolve_target_modules
 from lightning_zenft.planning.model_info import LINEAR_NAMES, resolve_model
 
@@ -42,17 +43,7 @@ def add_low_rank(model: LlamaForCausalLM, rank: int, targets: tuple[str, ...], d
 
 def measure(model: nn.Module, ids: torch.Tensor) -> dict[str, int]:
     """Activations: unique storages saved for backward (parameters excluded). Static: tensor bytes after a step."""
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in param_ptrs:
-            saved.setdefault(storage.data_ptr(), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(input_ids=ids, labels=ids).loss
+    loss, activations = saved_activation_bytes(model, ids)
     loss.backward()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
@@ -60,7 +51,7 @@ def measure(model: nn.Module, ids: torch.Tensor) -> dict[str, int]:
     weights = sum(p.nbytes for p in model.parameters())
     grads = sum(p.grad.nbytes for p in trainable)
     states = sum(t.nbytes for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
-    return {"activations": sum(saved.values()), "weights": weights, "gradients": grads, "optimizer": states}
+    return {"activations": activations, "weights": weights, "gradients": grads, "optimizer": states}
 
 
 def build(tmp_path_factory: pytest.TempPathFactory, key: str) -> tuple[str, LlamaForCausalLM, torch.Tensor]:
