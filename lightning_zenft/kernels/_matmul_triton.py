@@ -4,11 +4,11 @@ r"""Triton GEMM with a low-rank epilogue: one pass writes the base product plus 
            W \in \mathbb{R}^{K \times N},\; P \in \mathbb{R}^{M \times R},\; Q \in \mathbb{R}^{R \times N}
 
 Forward of a LoRA layer is ``X = x``, ``W = W_base^T``, ``P = x A^T``, ``Q = s B^T``; its input gradient is
-``X = dY``, ``W = W_base``, ``P = dY B``, ``Q = s A``. cuBLAS would write ``X W`` to memory and then read and
-write it again to add ``P Q`` (``addmm_``): ``4 M N`` extra bytes, about 12% of a bf16 GEMM at ``K = 4096`` on an
-H100. Here the rank-``R`` product is accumulated into the same fp32 tile before the single store, so the LoRA term
-costs ``R / K`` extra FLOPs and no extra traffic on ``C``. ``C_0`` (optional) lets several products accumulate into
-one output (the input gradient of q/k/v projections that read the same input).
+``X = dY``, ``W = W_base``, ``P = dY B``, ``Q = s A``. With cuBLAS alone the rank-``R`` product is a separate
+kernel: it writes ``P Q`` to ``C`` and the big GEMM reads it back in its ``beta = 1`` epilogue (``2 M N`` extra
+bytes, plus a launch). Here the rank-``R`` product is accumulated into the same fp32 tile before the single store,
+so the LoRA term costs ``R / K`` extra FLOPs and no extra traffic on ``C``. ``C_0`` (optional) lets several
+products accumulate into one output (the input gradient of q/k/v projections that read the same input).
 
 All operands are addressed by strides, so transposed views (``W_base.t()``, Conv1D weights) need no copy. Tiles are
 visited in groups of ``GROUP_M`` row blocks so that neighbouring programs share ``W`` tiles in L2. Triton's CPU

@@ -221,10 +221,8 @@ def project_backward(
     if need_x:
         for i in range(n):
             w = weights[i] if weights[i] is not None else plan.frozen[i].dense()  # (N_i, K)
-            p, q = (dyb_cat, a_cat) if shared and i == 0 else (None, None)
+            p, q = (dyb_cat, a_cat) if shared and i == 0 else (None, None)  # every shared member's term, once
             grad_x = lowrank_matmul(dys[i], w, p, q, None, grad_x)  # (M, K)
-        if shared and 0 not in shared:
-            grad_x.addmm_(dyb_cat, a_cat)
         for i in plan.dropped:
             grad_x.add_((dybs[i] @ a_[i]).mul_(masks[i]), alpha=plan.scalings[i])  # (M, K)
     return grad_x, grad_a, grad_b, grad_bias

@@ -3,10 +3,12 @@ r"""``C = [C_0] + X W + P Q + b``: the product every fused LoRA kernel is made o
 .. math::  C = C_0 + X W + P Q + \mathbf{1} b^T
            \qquad (X: M \times K,\; W: K \times N,\; P: M \times R,\; Q: R \times N)
 
-* ``"torch"``: cuBLAS ``addmm`` for ``X W + b``, then ``addmm_`` (in place, ``beta = 1``) for ``C_0`` and ``P Q``;
-  no temporary beyond ``C``.
+* ``"torch"``: cuBLAS. The rank-``R`` term first (``addmm(b, P, Q)``, or ``addmm_`` into ``C_0``), then the big
+  GEMM in place with ``beta = 1`` (``C.addmm_(X, W)``), whose epilogue reads the partial sum while the K loop runs:
+  one extra write of ``C`` (the small product) instead of a separate read and write after the big GEMM; no
+  temporary beyond ``C``.
 * ``"triton"``: one Triton GEMM that adds ``P Q``, ``b`` and ``C_0`` to its fp32 tile before the single store
-  (``_matmul_triton``), saving the re-read and re-write of ``C`` that ``addmm_`` costs.
+  (``_matmul_triton``), saving the extra write and read of ``C`` that the torch path costs.
 * ``"auto"`` (the default): on CUDA, the first call for each shape times both once and keeps the faster, so Triton
   runs where it beats cuBLAS and cuBLAS where it does not; on CPU, torch, unless Triton's interpreter is forced
   (``TRITON_INTERPRET=1``, tests), then Triton.
@@ -51,17 +53,20 @@ def _torch_path(
     bias: torch.Tensor | None,
     c0: torch.Tensor | None,
 ) -> torch.Tensor:
+    # The cheap rank-R product goes first and the big GEMM last, with beta = 1: cuBLAS reads the partial sum in its
+    # epilogue, overlapped with the K loop, instead of a separate pass re-reading and re-writing the finished C.
+    low = p is not None and q is not None
     if c0 is not None:
-        out = c0.addmm_(x, w)  # (M, N), in place on the caller's accumulator
+        out = c0.addmm_(p, q) if low else c0  # (M, N), in place on the caller's accumulator
         if bias is not None:
             out.add_(bias)
+    elif low:
+        out = torch.addmm(bias, p, q) if bias is not None else torch.mm(p, q)  # (M, N)
     elif bias is not None:
-        out = torch.addmm(bias, x, w)  # (M, N)
+        return torch.addmm(bias, x, w)  # (M, N)
     else:
-        out = torch.mm(x, w)  # (M, N)
-    if p is not None and q is not None:
-        out.addmm_(p, q)
-    return out
+        return torch.mm(x, w)  # (M, N)
+    return out.addmm_(x, w)
 
 
 def _triton_path(

@@ -115,10 +115,11 @@ def test_fused_lora_rejects_a_trainable_base_weight() -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_group_of_three_matches_three_references(backend: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("drop", [(0.0, 0.0, 0.5), (0.5, 0.0, 0.0), (0.3, 0.0, 0.5), (0.0, 0.0, 0.0)], ids=str)
+def test_group_of_three_matches_three_references(backend: str, dtype: torch.dtype, drop: tuple) -> None:
     torch.manual_seed(3)
     m, k = 7, 33
-    outs, ranks, drop = [65, 17, 17], [3, 5, 2], [0.0, 0.0, 0.5]
+    outs, ranks = [65, 17, 17], [3, 5, 2]
     x = leaf(m, k, dtype=dtype)
     ws = [leaf(n, k, dtype=dtype, grad=False) for n in outs]
     as_ = [leaf(r, k, dtype=dtype, scale=0.3) for r in ranks]
@@ -128,8 +129,8 @@ def test_group_of_three_matches_three_references(backend: str, dtype: torch.dtyp
     state = torch.get_rng_state()
     ys = fused_lora_group(x, projs)
     torch.set_rng_state(state)
-    seed = ProjectionPlan(projs, training=True).seeds[2]
-    mask = dropout_mask(torch.Size((m, k)), 0.5, seed, x.device, dtype)
+    seeds = ProjectionPlan(projs, training=True).seeds
+    masks = [dropout_mask(torch.Size((m, k)), d, seeds[i], x.device, dtype) if d else None for i, d in enumerate(drop)]
     dys = [torch.randn_like(y) for y in ys]
     torch.autograd.backward(ys, dys)
 
@@ -137,7 +138,7 @@ def test_group_of_three_matches_three_references(backend: str, dtype: torch.dtyp
     refs = []
     for i in range(3):
         ar, br, biasr = ref_copy(as_[i]), ref_copy(bs[i]), ref_copy(biases[i])
-        yr = lora_reference(xr, ws[i].float(), ar, br, 0.5 + i, biasr, mask if i == 2 else None)
+        yr = lora_reference(xr, ws[i].float(), ar, br, 0.5 + i, biasr, masks[i])
         yr.backward(dys[i].float())
         refs.append((yr, ar, br, biasr))
     for i, (yr, ar, br, _) in enumerate(refs):
