@@ -15,6 +15,7 @@ timings mean nothing).
 
     python benchmarks/bench_fused_lora.py                 # H100: 8192 tokens, r = 16, bf16
     python benchmarks/bench_fused_lora.py --nf4 --rank 64
+    python benchmarks/bench_fused_lora.py --profile       # and each case's device time by kernel
     python benchmarks/bench_fused_lora.py --tiny
 """
 
@@ -22,11 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _profile import by_kind, format_profile, profile_kernels  # noqa: E402
 
 from lightning_zenft.kernels import (
     NF4Weight,
@@ -120,16 +126,18 @@ def bench_shape(tokens: int, k: int, n: int, r: int, args: argparse.Namespace, d
         if name.startswith("base"):
             ref_ms[name] = ms
         ref = ref_ms["base-nf4" if name.endswith("nf4") else "base"]
-        rows.append(
-            dict(
-                shape=f"{tokens}x{k}->{n}",
-                r=r,
-                case=name,
-                ms=round(ms, 3),
-                overhead_pct=None if name.startswith("base") else round(100 * (ms / ref - 1), 1),
-                saved_mib=round(saved_mib(forward, exclude=[w, a, b]), 3),
-            )
+        row = dict(
+            shape=f"{tokens}x{k}->{n}",
+            r=r,
+            case=name,
+            ms=round(ms, 3),
+            overhead_pct=None if name.startswith("base") else round(100 * (ms / ref - 1), 1),
+            saved_mib=round(saved_mib(forward, exclude=[w, a, b]), 3),
         )
+        if args.profile:
+            kernels = profile_kernels(run(forward), steps=3)
+            row.update(profile_by_kind=by_kind(kernels), profile=kernels[:12])
+        rows.append(row)
     set_matmul_backend("auto")
     return rows
 
@@ -144,6 +152,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test at small shapes")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    parser.add_argument("--profile", action="store_true", help="also the device time of each case by kernel")
     args = parser.parse_args()
     if args.tiny:
         device = torch.device("cpu")
@@ -170,6 +179,9 @@ def main() -> None:
         print(
             f"| {row['shape']:<18} | {row['case']:<13} | {row['ms']:>9.3f} | {over:>16} | {row['saved_mib']:>17.3f} |"
         )
+    for row in rows:
+        if "profile" in row:
+            print(format_profile(f"{row['case']} {row['shape']}", row["profile"], top=6))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,12 @@ checkpointing, fused AdamW.
 
     python benchmarks/bench_lora_e2e.py --size 1b --batch 4 --seq 2048
     python benchmarks/bench_lora_e2e.py --size 8b --batch 2 --seq 2048 --quant nf4 --modes ours,peft,ceiling_liger
+    python benchmarks/bench_lora_e2e.py --size 1b --modes ours,ceiling_liger --profile 2 --json e2e.json
     python benchmarks/bench_lora_e2e.py --tiny          # CPU smoke test (numbers mean nothing)
+
+``--profile N`` profiles N more steps after the timed ones and prints each mode's device time by kind of kernel
+(big GEMMs, our Triton low-rank GEMM, attention, other Triton kernels, element-wise...): where ``ours`` misses the
+ceiling, the rows say which kernels hold the gap.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ import time
 from typing import Any
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _profile import KernelProfile, by_kind, format_profile  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_MODES = "ours,ours_nokernels,peft,peft_liger,full,ceiling,ceiling_liger"
@@ -111,10 +119,13 @@ def run_plain(mode: str, args: argparse.Namespace, device: torch.device) -> dict
         params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     model.train()
-    data = batches(args, model.config.vocab_size, device, args.warmup + args.steps)
+    data = batches(args, model.config.vocab_size, device, args.warmup + args.steps + args.profile)
     times = []
     loss = torch.zeros(())
+    prof = KernelProfile() if args.profile else None
     for i, ids in enumerate(data):
+        if prof is not None and i == args.warmup + args.steps:
+            prof.start()  # the profiled steps come after the timed ones
         sync(device)
         t0 = time.perf_counter()
         out = model(input_ids=ids, labels=ids)
@@ -123,10 +134,13 @@ def run_plain(mode: str, args: argparse.Namespace, device: torch.device) -> dict
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
-        if i >= args.warmup:
+        if args.warmup <= i < args.warmup + args.steps:
             times.append(time.perf_counter() - t0)
     n_train = sum(p.numel() for p in params) if not mode.startswith("ceiling") else 0
-    return dict(step_s=sum(times) / len(times), n_train=n_train, loss=float(out.loss.detach()))
+    result = dict(step_s=sum(times) / len(times), n_train=n_train, loss=float(out.loss.detach()))
+    if prof is not None:
+        result["profile"] = prof.stop(args.profile)
+    return result
 
 
 def run_ours(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
@@ -138,16 +152,23 @@ def run_ours(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
 
     quantized = args.quant == "nf4"
     times: list[float] = []
+    timed_steps = args.warmup + args.steps
+    prof = KernelProfile() if args.profile else None
+    profile_rows: list[dict] = []
 
     class StepTimer(L.Callback):
         def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+            if prof is not None and trainer.global_step == timed_steps:
+                prof.start()  # the profiled steps come after the timed ones
             sync(device)
             self.t0 = time.perf_counter()
 
         def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
             sync(device)
-            if trainer.global_step > args.warmup:
+            if args.warmup < trainer.global_step <= timed_steps:
                 times.append(time.perf_counter() - self.t0)
+            if prof is not None and trainer.global_step == timed_steps + args.profile:
+                profile_rows.extend(prof.stop(args.profile))
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -165,7 +186,7 @@ def run_ours(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
             return torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
 
     module = Module()
-    data = batches(args, module.model.config.vocab_size, torch.device("cpu"), args.warmup + args.steps)
+    data = batches(args, module.model.config.vocab_size, torch.device("cpu"), timed_steps + args.profile)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
     callbacks: list[L.Callback] = [LoRA(r=16, alpha=32, dropout=0.0, target_modules=TARGETS), StepTimer()]
     if mode == "ours":
@@ -173,7 +194,7 @@ def run_ours(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     trainer = L.Trainer(
         accelerator=device.type,
         devices=1,
-        max_steps=args.warmup + args.steps,
+        max_steps=timed_steps + args.profile,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -183,7 +204,10 @@ def run_ours(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     )
     trainer.fit(module, train_dataloaders=loader)
     n_train = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    return dict(step_s=sum(times) / max(len(times), 1), n_train=n_train, loss=float(module.last_loss))
+    result = dict(step_s=sum(times) / max(len(times), 1), n_train=n_train, loss=float(module.last_loss))
+    if prof is not None:
+        result["profile"] = profile_rows
+    return result
 
 
 def child(mode: str, args: argparse.Namespace) -> None:
@@ -215,6 +239,8 @@ def main() -> None:
     parser.add_argument("--modes", default=ALL_MODES)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--profile", type=int, default=0, help="profile this many steps after the timed ones")
+    parser.add_argument("--json", help="also write every mode's result (and profile) to this JSON file")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 2 steps, no Liger/4-bit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
@@ -238,7 +264,7 @@ def main() -> None:
     for mode in args.modes.split(","):
         cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--size", args.size, "--batch",
                str(args.batch), "--seq", str(args.seq), "--quant", args.quant, "--warmup", str(args.warmup),
-               "--steps", str(args.steps)]  # fmt: skip
+               "--steps", str(args.steps), "--profile", str(args.profile)]  # fmt: skip
         cmd += ["--tiny"] if args.tiny else []
         cmd += ["--checkpoint", args.checkpoint] if args.checkpoint else []
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -262,6 +288,14 @@ def main() -> None:
         print(f"| {r['mode']:<15} | {r['tok_s']:>9,} | {pct:>12} | {peak:>8} | {r['n_train']:>11,} | {r['loss']:.3f} |")
     if ceiling:
         print(f"ceiling = {ceiling['mode']}")
+    for r in results:
+        if r.get("profile"):
+            print(format_profile(r["mode"], r["profile"]))
+            r["profile_by_kind"] = by_kind(r["profile"])
+    if args.json:
+        meta = dict(device=device_name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+        with open(args.json, "w") as f:
+            json.dump(dict(meta, size=args.size, quant=args.quant, batch=args.batch, seq=args.seq, results=results), f)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,139 @@
+"""Turn the JSON that ``run_gpu.sh`` writes into the Markdown tables of ``RESULTS.md``, each figure against its target.
+
+    python benchmarks/record_results.py benchmarks/out              # every table
+    python benchmarks/record_results.py benchmarks/out --only e2e   # one kind: micro, estimate, e2e
+
+Where ``ours`` misses a target and both it and the ceiling were profiled (``--profile``), the device time per step of
+each kind of kernel is printed for both with the difference: the measured cause of the gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+# Shapes of bench_lora_e2e.py: layers, hidden, intermediate and k/v width (kv heads x head dim).
+SHAPES = {
+    "1b": dict(layers=22, hidden=2048, inter=5632, kv=256),
+    "8b": dict(layers=32, hidden=4096, inter=14336, kv=1024),
+}
+RANK = 16
+
+
+def memory_budget_gib(size: str, batch: int, seq: int) -> float:
+    """What LoRA may add to the ceiling: a bf16 copy of each distinct adapted input, plus adapter weights, grads, AdamW.
+
+    Per layer the adapted inputs are the q/k/v input and the gate/up input (hidden each, shared), the o input (hidden)
+    and the down input (intermediate).
+    """
+    s = SHAPES[size]
+    h, i, kv, n = s["hidden"], s["inter"], s["kv"], s["layers"]
+    inputs = n * (3 * h + i) * batch * seq * 2
+    # A: r x in, B: out x r for q, k, v, o, gate, up, down; fp32 weight + grad + 2 AdamW moments = 16 bytes each
+    per_layer = RANK * ((h + h) + (h + kv) * 2 + (h + h) + (h + i) * 2 + (i + h))
+    return (inputs + n * per_layer * 16) / 2**30
+
+
+def micro(rows: list[dict]) -> None:
+    print("### `bench_fused_lora.py`: forward + backward of one projection, bf16\n")
+    print("| shape (tokens x in -> out) | r | case | ms | overhead vs frozen base | target | saved for bwd MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        target = ""
+        if row["case"] == "fused" and row["r"] == 16 and row["shape"].split("x", 1)[1] in ("4096->4096", "4096->14336"):
+            target = "<= 10%: " + ("met" if row["overhead_pct"] <= 10 else "MISSED")
+        over = "" if row["overhead_pct"] is None else f"{row['overhead_pct']:+.1f}%"
+        print(f"| {row['shape']} | {row['r']} | {row['case']} | {row['ms']:.3f} | {over} | {target} | "
+              f"{row['saved_mib']:.1f} |")  # fmt: skip
+    profiled = [r for r in rows if r.get("profile_by_kind")]
+    if profiled:
+        print("\nDevice time by kind of kernel (ms per forward + backward):\n")
+        for row in profiled:
+            kinds = ", ".join(f"{k} {v:.3f}" for k, v in row["profile_by_kind"].items())
+            print(f"- {row['shape']} {row['case']}: {kinds}")
+    print()
+
+
+def estimate(rows: list[dict]) -> None:
+    print("### `estimate_vs_measured.py`: memory estimator against `max_memory_allocated`\n")
+    print("| variant | part | estimate GiB | measured GiB | ratio | within 15% |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        for part in ("static", "activations", "total"):
+            est, meas = row[f"estimate_{part}"] / 2**30, row[f"measured_{part}"] / 2**30
+            ok = "yes" if abs(est / meas - 1) <= 0.15 else "NO"
+            print(f"| {row['variant']} | {part} | {est:.2f} | {meas:.2f} | {est / meas:.3f} | {ok} |")
+    print()
+
+
+def e2e(run: dict) -> None:
+    results = [r for r in run["results"] if "tok_s" in r]
+    by_mode = {r["mode"]: r for r in results}
+    ceiling = by_mode.get("ceiling_liger") or by_mode.get("ceiling")
+    title = f"{run['size']} shape, {run['quant']}, {run['batch']} x {run['seq']} tokens"
+    print(f"### `bench_lora_e2e.py`: {title} ({run['device']}, torch {run['torch']}, {run['date']})\n")
+    budget = None
+    if ceiling and ceiling.get("peak_gib") is not None and run["size"] in SHAPES:
+        budget = ceiling["peak_gib"] + memory_budget_gib(run["size"], run["batch"], run["seq"])
+    print("| mode | tokens/s | % of ceiling | peak GiB | trainable | loss |")
+    print("|---|---|---|---|---|---|")
+    for r in run["results"]:
+        if "error" in r:
+            print(f"| {r['mode']} | failed: {' '.join(r['error'])[:160]} | | | | |")
+            continue
+        pct = f"{100 * r['tok_s'] / ceiling['tok_s']:.0f}%" if ceiling else "-"
+        peak = "-" if r.get("peak_gib") is None else f"{r['peak_gib']:.1f}"
+        print(f"| {r['mode']} | {r['tok_s']:,} | {pct} | {peak} | {r['n_train']:,} | {r['loss']:.3f} |")
+    ours = by_mode.get("ours")
+    if ours and ceiling:
+        ratio = ours["tok_s"] / ceiling["tok_s"]
+        verdict = "met" if ratio >= 0.9 else "MISSED"
+        print(f"\nThroughput: ours = {100 * ratio:.1f}% of {ceiling['mode']} (target >= 90%: {verdict}).")
+        if budget is not None and ours.get("peak_gib") is not None:
+            verdict = "met" if ours["peak_gib"] <= budget else "MISSED"
+            print(
+                f"Memory: ours {ours['peak_gib']:.1f} GiB, budget {budget:.1f} GiB = ceiling {ceiling['peak_gib']:.1f} "
+                f"+ adapted inputs and adapter state (target: {verdict})."
+            )
+        peft = by_mode.get("peft")
+        if peft:
+            memory = f", {ours['peak_gib'] / peft['peak_gib']:.2f}x memory" if peft.get("peak_gib") else ""
+            print(f"Against HF PEFT: {ours['tok_s'] / peft['tok_s']:.2f}x tokens/s{memory}.")
+        gap(ours, ceiling)
+    print()
+
+
+def gap(ours: dict, ceiling: dict) -> None:
+    a, b = ours.get("profile_by_kind"), ceiling.get("profile_by_kind")
+    if not a or not b:
+        return
+    print(f"\nDevice time per step by kind of kernel, ms (ours vs {ceiling['mode']}):\n")
+    print("| kind | ours | ceiling | difference |")
+    print("|---|---|---|---|")
+    for kind in sorted(set(a) | set(b), key=lambda k: -(a.get(k, 0) - b.get(k, 0))):
+        x, y = a.get(kind, 0.0), b.get(kind, 0.0)
+        print(f"| {kind} | {x:.2f} | {y:.2f} | {x - y:+.2f} |")
+    print(f"| total | {sum(a.values()):.2f} | {sum(b.values()):.2f} | {sum(a.values()) - sum(b.values()):+.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder")
+    parser.add_argument("--only", choices=["micro", "estimate", "e2e"])
+    args = parser.parse_args()
+    env = os.path.join(args.folder, "env.txt")
+    if os.path.exists(env) and args.only is None:
+        print("Environment: " + "; ".join(open(env).read().split("\n")).strip("; ") + "\n")
+    if args.only in (None, "micro") and os.path.exists(path := os.path.join(args.folder, "micro.jsonl")):
+        micro([json.loads(line) for line in open(path) if line.strip()])
+    if args.only in (None, "estimate") and os.path.exists(path := os.path.join(args.folder, "estimate.jsonl")):
+        estimate([json.loads(line) for line in open(path) if line.strip()])
+    if args.only in (None, "e2e"):
+        for path in sorted(glob.glob(os.path.join(args.folder, "e2e-*.json"))):
+            e2e(json.load(open(path)))
+
+
+if __name__ == "__main__":
+    main()
