@@ -10,6 +10,7 @@ Modes, on a random-init Llama (bf16, SDPA, no gradient checkpointing, loss on al
 * ``peft``: HF PEFT LoRA;
 * ``ours``: ``lightning_zenft`` LoRA layers;
 * ``ours_fused``: the same with the fused kernels (per-layer function, shared q/k/v and gate/up input, fused MLP).
+* ``ours_fused_recompute``: the same, the fused MLP recomputing ``act(gate) * up`` in backward (``mlp_recompute``).
 
 The budget of the memory target is the ceiling plus one bf16 copy of each adapted layer's input, one per distinct
 input (q/k/v share one, gate/up share one): per decoder layer ``b*s*(3*h + i)`` values.
@@ -54,8 +55,8 @@ def build(args: argparse.Namespace, mode: str) -> torch.nn.Module:
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
     else:
         inject_adapters(model, LoRAConfig(r=16, alpha=32, target_modules=TARGETS))
-        if mode == "ours_fused":
-            fuse_lora_layers(model, warn=True)
+        if mode.startswith("ours_fused"):
+            fuse_lora_layers(model, warn=True, mlp_recompute=mode.endswith("recompute"))
     return model
 
 
@@ -79,9 +80,9 @@ def main() -> None:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     results = {}
-    for mode in ("ceiling", "peft", "ours", "ours_fused"):
+    for mode in ("ceiling", "peft", "ours", "ours_fused", "ours_fused_recompute"):
         model = build(args, mode)
-        if mode == "ours_fused":  # one step lets the kernels see which siblings read the same input
+        if mode.startswith("ours_fused"):  # one step lets the kernels see which siblings read the same input
             saved_bytes(model, ids)
             finalize_shared_inputs(model)
             model.zero_grad(set_to_none=True)

@@ -234,9 +234,12 @@ class _SiblingObserver:
 class FusedGatedMLPForward:
     """The instance-level ``forward`` of a gated MLP whose three projections are fused LoRA layers."""
 
-    def __init__(self, module: nn.Module, gate: str, up: str, down: str, act: str) -> None:
+    def __init__(
+        self, module: nn.Module, gate: str, up: str, down: str, act: str, recompute_hidden: bool = False
+    ) -> None:
         self.module_ref = weakref.ref(module)
         self.gate, self.up, self.down, self.act = gate, up, down, act
+        self.recompute_hidden = recompute_hidden
 
     def layers(self) -> tuple[FusedLoRALinear, FusedLoRALinear, FusedLoRALinear]:
         module = self.module_ref()
@@ -249,9 +252,8 @@ class FusedGatedMLPForward:
         if args or kwargs or not active or len({gate.training, up.training, down.training}) > 1:
             return type(module).forward(module, x, *args, **kwargs)
         dtype = _compute_dtype(x)
-        return fused_lora_mlp(
-            x.to(dtype), gate.projection(dtype), up.projection(dtype), down.projection(dtype), self.act, gate.training
-        )
+        projections = (gate.projection(dtype), up.projection(dtype), down.projection(dtype))
+        return fused_lora_mlp(x.to(dtype), *projections, self.act, gate.training, self.recompute_hidden)
 
 
 def _activation_of(module: nn.Module) -> tuple[str, str] | None:
@@ -391,13 +393,20 @@ def _warn(name: str, why: str, fallback: str) -> None:
 
 
 def fuse_lora_layers(
-    model: nn.Module, *, mlp: bool = True, shared_input: bool = True, warn: bool = True
+    model: nn.Module,
+    *,
+    mlp: bool = True,
+    shared_input: bool = True,
+    warn: bool = True,
+    mlp_recompute: bool = False,
 ) -> FusionReport:
     """Switch every LoRA layer of ``model`` to the fused kernels (see the module docstring); returns a report.
 
     Args:
         model: a model with :class:`LoRALinear` layers already injected.
         mlp: fuse gated MLPs whose three projections are LoRA layers.
+        mlp_recompute: fused MLPs recompute ``act(gate) * up`` in backward instead of keeping it (less memory, one
+            more elementwise pass).
         shared_input: watch sibling layers for a shared input (groups form at :func:`finalize_shared_inputs`).
         warn: warn for every layer or MLP that falls back, naming it and the reason.
 
@@ -437,7 +446,7 @@ def fuse_lora_layers(
             if any(r is not None for r in reasons):
                 continue  # the layer itself was reported above
             for gate, up, down in orders:
-                fused = FusedGatedMLPForward(module, gate, up, down, act)
+                fused = FusedGatedMLPForward(module, gate, up, down, act, mlp_recompute)
                 if _probe_matches(module, fused, getattr(module, gate).lora_A.weight):
                     module.forward = fused
                     report.mlps.append(name)

@@ -11,7 +11,8 @@ Switches:
 * ``shared_input``: sibling LoRA layers seen reading the same tensor during the first training batch (q/k/v) run as
   one function that saves that input once.
 * ``mlp``: gated MLPs (``down(act(gate(x)) * up(x))``, SiLU or GELU) with LoRA on all three projections run as one
-  function that does not save the down projection's input.
+  function that saves each adapted input once; ``mlp_recompute=True`` recomputes the down projection's input in
+  backward instead of keeping it (``tokens x intermediate`` less memory per layer, one more elementwise pass).
 * ``glu``: gated MLPs of plain linear layers use the fused GLU kernel.
 * ``rms_norm``, ``rope``, ``fused_linear_cross_entropy``: Liger-Kernel's kernels. ``"auto"`` turns each on when
   ``liger_kernel`` imports and the Trainer runs on CUDA, and says so in an info line otherwise; ``True`` requires
@@ -48,6 +49,7 @@ class FusedKernels(Callback):
         lora: fused per-layer LoRA kernel.
         shared_input: one call for sibling LoRA layers reading the same input.
         mlp: one call for a gated MLP with LoRA on gate, up and down.
+        mlp_recompute: the fused MLP recomputes ``act(gate) * up`` in backward rather than keeping it.
         glu: fused GLU kernel for gated MLPs without LoRA.
         rms_norm, rope, fused_linear_cross_entropy: Liger kernels; ``"auto"``, ``True`` or ``False``.
 
@@ -62,6 +64,7 @@ class FusedKernels(Callback):
         shared_input: bool = True,
         mlp: bool = True,
         glu: bool = True,
+        mlp_recompute: bool = False,
         rms_norm: Switch = "auto",
         rope: Switch = "auto",
         fused_linear_cross_entropy: Switch = "auto",
@@ -79,6 +82,7 @@ class FusedKernels(Callback):
         self.shared_input = shared_input
         self.mlp = mlp
         self.glu = glu
+        self.mlp_recompute = mlp_recompute
         self.liger: dict[str, Switch] = liger
         self._patches: LigerPatches | None = None
         self._pending_groups = False
@@ -110,7 +114,9 @@ class FusedKernels(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.applied = {}
         if self.lora:
-            report = fuse_lora_layers(pl_module, mlp=self.mlp, shared_input=self.shared_input)
+            report = fuse_lora_layers(
+                pl_module, mlp=self.mlp, shared_input=self.shared_input, mlp_recompute=self.mlp_recompute
+            )
             self.applied["lora"] = report.layers
             self.applied["mlp"] = report.mlps
             self._pending_groups = bool(report.observed_parents)

@@ -12,10 +12,12 @@ with each ``LoRA`` as in :mod:`lightning_zenft.kernels.lora` (frozen weight, opt
     dh = dy\, W_d + D_d \odot s_d (dy B_d) A_d, \quad (dg, du) = \mathrm{GLU}'(dh; g, u), \quad
     dx = dg\, W_g + du\, W_u + \text{low-rank terms}
 
-Saved: ``x`` (once, for ``dA_gate`` and ``dA_up``), ``g`` and ``u`` (which the GLU backward needs anyway), and the
-``M x r`` low-rank activations. ``h`` (the down projection's input, ``M x intermediate``) is NOT saved: backward
-recomputes it from ``g`` and ``u`` in one elementwise pass. So the adapted MLP keeps less than eager PyTorch keeps
-for the frozen MLP alone (``g``, ``act(g)``, ``u``) plus ``x``.
+Saved: ``x`` (once, for ``dA_gate`` and ``dA_up``), ``g`` and ``u`` (which the GLU backward needs anyway), the
+``M x r`` low-rank activations, and ``h`` (the down projection's input, ``M x intermediate``, for ``dA_down``):
+one copy of each distinct adapted input, no more. With ``recompute_hidden=True`` ``h`` is not kept but recomputed
+from ``g`` and ``u`` in backward (one more elementwise pass, ``M x intermediate`` less memory per MLP): the adapted
+MLP then keeps less than eager PyTorch keeps for the frozen MLP alone (``g``, ``act(g)``, ``u``) plus ``x``. When
+``lora_A`` of down does not train, ``h`` is neither kept nor recomputed.
 
 Example::
 
@@ -39,7 +41,7 @@ from lightning_zenft.kernels.lora import (
 
 
 class LoRAMLPFunction(torch.autograd.Function):
-    """Autograd function of :func:`fused_lora_mlp`; inputs ``(x, plan_gu, plan_down, act, *12 tensors)``."""
+    """Autograd function of :func:`fused_lora_mlp`; inputs ``(x, plan_gu, plan_down, act, recompute, *12 tensors)``."""
 
     @staticmethod
     def forward(
@@ -48,6 +50,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         plan_gu: ProjectionPlan,
         plan_down: ProjectionPlan,
         act: GLUActivation,
+        recompute_hidden: bool,
         *flat: torch.Tensor | None,
     ) -> torch.Tensor:
         w_g, b_g, a_g, bb_g, w_u, b_u, a_u, bb_u, w_d, b_d, a_d, bb_d = flat
@@ -56,24 +59,27 @@ class LoRAMLPFunction(torch.autograd.Function):
             (g, u), xa_gu = project_forward(x2, plan_gu, [w_g, w_u], [b_g, b_u], [a_g, a_u], [bb_g, bb_u])
             h = glu_forward(g, u, act)  # (M, I)
             (y,), xa_d = project_forward(h, plan_down, [w_d], [b_d], [a_d], [bb_d])  # (M, N)
-            del h
         needs = ctx.needs_input_grad
-        keep_x = needs[6] or needs[10]  # lora_A of gate or up trains
+        keep_x = needs[7] or needs[11]  # lora_A of gate or up trains
+        ctx.need_h = needs[15]  # lora_A of down trains: dA_down reads h
+        ctx.recompute_hidden = recompute_hidden
         ctx.plan_gu, ctx.plan_down, ctx.act = plan_gu, plan_down, act
         ctx.x_shape = tuple(x2.shape)
+        keep_h = h if ctx.need_h and not recompute_hidden else None
         ctx.save_for_backward(
-            x2 if keep_x else None, g, u, w_g, w_u, w_d, a_g, a_u, a_d, bb_g, bb_u, bb_d, *xa_gu, *xa_d
+            x2 if keep_x else None, g, u, keep_h, w_g, w_u, w_d, a_g, a_u, a_d, bb_g, bb_u, bb_d, *xa_gu, *xa_d
         )
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, g, u, w_g, w_u, w_d, a_g, a_u, a_d, bb_g, bb_u, bb_d, xa_g, xa_u, xa_d = ctx.saved_tensors
+        x2, g, u, h, w_g, w_u, w_d, a_g, a_u, a_d, bb_g, bb_u, bb_d, xa_g, xa_u, xa_d = ctx.saved_tensors
         needs = ctx.needs_input_grad
         act = ctx.act
         with torch.autocast(device_type=dy.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()  # (M, N)
-            h = glu_forward(g, u, act)  # (M, I), recomputed
+            if ctx.need_h and ctx.recompute_hidden:
+                h = glu_forward(g, u, act)  # (M, I), recomputed
             dh, (ga_d,), (gb_d,), (gbias_d,) = project_backward(
                 h,
                 ctx.plan_down,
@@ -83,10 +89,10 @@ class LoRAMLPFunction(torch.autograd.Function):
                 [xa_d],
                 [dy2],
                 need_x=True,
-                need_a=[needs[14]],
-                need_b=[needs[15]],
-                need_bias=[needs[13]],
-                x_shape=tuple(h.shape),
+                need_a=[needs[15]],
+                need_b=[needs[16]],
+                need_bias=[needs[14]],
+                x_shape=tuple(g.shape),
             )
             del h
             dg, du = glu_backward(dh, g, u, act)  # (M, I) each
@@ -100,14 +106,15 @@ class LoRAMLPFunction(torch.autograd.Function):
                 [xa_g, xa_u],
                 [dg, du],
                 need_x=needs[0],
-                need_a=[needs[6], needs[10]],
-                need_b=[needs[7], needs[11]],
-                need_bias=[needs[5], needs[9]],
+                need_a=[needs[7], needs[11]],
+                need_b=[needs[8], needs[12]],
+                need_bias=[needs[6], needs[10]],
                 x_shape=ctx.x_shape,
             )
         grad_x = None if dx is None else dx.view(*dy.shape[:-1], dx.shape[-1])
         return (
             grad_x,
+            None,
             None,
             None,
             None,
@@ -124,6 +131,7 @@ def fused_lora_mlp(
     down: LoRAProjection,
     act: GLUActivation = "silu",
     training: bool = True,
+    recompute_hidden: bool = False,
 ) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` with LoRA on all three projections, in one autograd function.
 
@@ -132,6 +140,8 @@ def fused_lora_mlp(
         gate, up: projections ``hidden -> intermediate``; down: ``intermediate -> hidden``.
         act: ``"silu"`` (SwiGLU), ``"gelu_tanh"`` or ``"gelu"`` (GeGLU).
         training: when False, dropout is off.
+        recompute_hidden: do not keep ``act(gate) * up`` for backward; recompute it there (less memory, one more
+            elementwise pass).
 
     Example::
 
@@ -154,4 +164,4 @@ def fused_lora_mlp(
     flat: list[torch.Tensor | None] = []
     for p in (gate, up, down):
         flat += [p.weight if isinstance(p.weight, torch.Tensor) else None, p.bias, p.lora_a, p.lora_b]
-    return LoRAMLPFunction.apply(x, plan_gu, plan_down, act, *flat)
+    return LoRAMLPFunction.apply(x, plan_gu, plan_down, act, recompute_hidden, *flat)

@@ -128,6 +128,31 @@ def test_state_dict_and_outputs_unchanged_by_fusing() -> None:
     torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_fused_mlp_keeps_or_recomputes_the_down_input(recompute: bool) -> None:
+    """Kept: exactly one tokens x intermediate tensor per MLP more than recomputed; gradients equal either way."""
+    from lightning_zenft.planning import saved_activation_bytes
+
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
+    plain = adapt(tiny_llama())
+    loss_plain, _ = saved_activation_bytes(plain, ids)
+    loss_plain.backward()
+    fused = adapt(tiny_llama())
+    fuse_lora_layers(fused, shared_input=False, mlp_recompute=recompute)
+    loss, saved = saved_activation_bytes(fused, ids)
+    loss.backward()
+    torch.testing.assert_close(loss, loss_plain, rtol=0, atol=1e-5)
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    for n, p in fused.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    other = adapt(tiny_llama())
+    fuse_lora_layers(other, shared_input=False, mlp_recompute=not recompute)
+    _, saved_other = saved_activation_bytes(other, ids)
+    h_bytes = LLAMA["num_hidden_layers"] * ids.numel() * LLAMA["intermediate_size"] * 4  # fp32
+    assert (saved_other - saved) == (h_bytes if recompute else -h_bytes)
+
+
 def test_fallbacks_are_named_in_warnings() -> None:
     model = adapt(tiny_llama())
     mlp = model.model.layers[0].mlp

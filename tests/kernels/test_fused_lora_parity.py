@@ -183,8 +183,11 @@ def test_mlp_matches_reference(backend: str, dtype: torch.dtype, act: str) -> No
     assert all(w.grad is None for w in (wg, wu, wd))
 
 
-def test_mlp_saves_no_intermediate_activation() -> None:
-    """Saved for backward: x, g, u and the (M, r) low-rank activations; never h = act(g) * u."""
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("down_a_trains", [True, False])
+def test_mlp_saves_each_adapted_input_once(recompute: bool, down_a_trains: bool) -> None:
+    """Saved for backward: x, g, u, the (M, r) low-rank activations, and h = act(g) * u only when dA_down needs it
+    and it is not recomputed."""
     torch.manual_seed(5)
     m, hidden, inter, r = 6, 8, 24, 2
     x = leaf(m, hidden, dtype=torch.float32)
@@ -194,17 +197,27 @@ def test_mlp_saves_no_intermediate_activation() -> None:
         return LoRAProjection(torch.randn(n_out, n_in), None, leaf(r, n_in, dtype=f32), leaf(n_out, r, dtype=f32), 1.0)
 
     proj = [projection(inter, hidden), projection(inter, hidden), projection(hidden, inter)]
+    proj[2].lora_a.requires_grad_(down_a_trains)
     saved: list[torch.Size] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        fused_lora_mlp(x, *proj)
+        y = fused_lora_mlp(x, *proj, recompute_hidden=recompute)
     activations = [s for s in saved if s[0] == m]
-    assert sorted(activations) == sorted(
-        [
-            torch.Size([m, hidden]),
-            torch.Size([m, inter]),
-            torch.Size([m, inter]),
-            torch.Size([m, r]),
-            torch.Size([m, r]),
-            torch.Size([m, r]),
-        ]
-    )
+    want = [torch.Size([m, hidden]), torch.Size([m, inter]), torch.Size([m, inter])] + [torch.Size([m, r])] * 3
+    if down_a_trains and not recompute:
+        want.append(torch.Size([m, inter]))  # h, for dA_down
+    assert sorted(activations) == sorted(want)
+    # both ways give the same gradients as the plain computation
+    y.backward(torch.ones_like(y))
+    xr = ref_copy(x)
+    refs = [(ref_copy(p.lora_a), ref_copy(p.lora_b)) for p in proj]
+    g = lora_reference(xr, proj[0].weight, *refs[0], 1.0)
+    u = lora_reference(xr, proj[1].weight, *refs[1], 1.0)
+    yr = lora_reference(torch.nn.functional.silu(g) * u, proj[2].weight, *refs[2], 1.0)
+    yr.backward(torch.ones_like(yr))
+    close(x.grad, xr.grad, torch.float32, "dx")
+    for p, (ar, br) in zip(proj, refs, strict=True):
+        close(p.lora_b.grad, br.grad, torch.float32, "dB")
+        if p.lora_a.requires_grad:
+            close(p.lora_a.grad, ar.grad, torch.float32, "dA")
+        else:
+            assert p.lora_a.grad is None

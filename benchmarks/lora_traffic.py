@@ -1,0 +1,128 @@
+"""Bytes moved and FLOPs of one LoRA projection's forward + backward, counted per operation, at real shapes, anywhere.
+
+Runs the projection on fake tensors (no memory, no GPU) and records every aten operation autograd and the kernels
+issue: its FLOPs (``2 M N K`` for a matrix product) and the bytes of every tensor it reads and writes (``addmm_`` with
+``beta = 1`` reads its output too). Counts, not timings: they show which operations a LoRA step adds to the frozen
+layer's two GEMMs, and a roofline bound (each operation at best ``max(FLOPs / peak, bytes / bandwidth)``) shows how
+much of the 10% overhead budget they use up before any kernel inefficiency. The fused rows are the cuBLAS path of
+``lowrank_matmul``; the Triton epilogue path drops the operations marked ``[epilogue]`` (their low-rank sum is added
+in the big GEMM's epilogue instead).
+
+    python benchmarks/lora_traffic.py                                  # 8192 tokens, r=16, the 8B shapes
+    python benchmarks/lora_traffic.py --peak-tflops 790 --bandwidth-tbs 3.35 --ops
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from lightning_zenft.kernels import fused_lora, set_matmul_backend
+
+MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm"}
+FREE = {"t", "view", "detach", "split_with_sizes", "expand", "reshape", "_unsafe_view", "as_strided", "transpose"}
+
+
+class Counter(TorchDispatchMode):
+    """Records ``(op, flops, bytes)`` for every aten operation that does work."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, float, float, str]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in FREE or func.namespace == "prim":
+            return out
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        outs = [o for o in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(o, torch.Tensor)]
+        if name.endswith("_") and outs and tensors and outs[0] is tensors[0]:
+            outs = outs[:1]  # in place: the first argument is read and written
+        nbytes = sum(t.numel() * t.element_size() for t in tensors + outs)
+        flops = 0.0
+        shapes = " ".join("x".join(map(str, t.shape)) for t in tensors)
+        if name in MATMULS:
+            a, b = tensors[-2], tensors[-1]
+            flops = 2.0 * a.shape[-2] * a.shape[-1] * b.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+        self.ops.append((name, flops, float(nbytes), shapes))
+        return out
+
+
+def count(step: Callable[[dict], None], tensors: dict) -> list[tuple[str, float, float, str]]:
+    counter = Counter()
+    with counter:
+        step(tensors)
+    for t in tensors.values():
+        t.grad = None  # the next path starts from empty gradients, as a training step does
+    return counter.ops
+
+
+def roofline_us(ops: list[tuple[str, float, float, str]], peak: float, bandwidth: float) -> float:
+    return sum(max(f / peak, b / bandwidth) for _, f, b, _ in ops) * 1e6
+
+
+def is_epilogue(op: tuple[str, float, float, str], r: int) -> bool:
+    """A rank-``r`` product ``P Q`` written to a full output (the low-rank term of ``Y`` or of ``dX``)."""
+    name, _, _, shapes = op
+    dims = [tuple(int(v) for v in s.split("x")) for s in shapes.split()]
+    return name in ("mm", "addmm") and len(dims) >= 2 and dims[-2][-1] == r and dims[-1][-1] > r
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--shapes", default="4096x4096,4096x14336,14336x4096", help="in x out, comma separated")
+    parser.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 matrix rate (H100, measured: ~800)")
+    parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="memory bandwidth (H100 SXM: 3.35 TB/s)")
+    parser.add_argument("--ops", action="store_true", help="list the fused path's operations")
+    args = parser.parse_args()
+    peak, bw = args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12
+    set_matmul_backend("torch")
+    dtype, m, r = torch.bfloat16, args.tokens, args.rank
+    steps: dict[str, Callable[[dict], None]] = {
+        "base": lambda t: F.linear(t["x"], t["w"]).backward(t["dy"]),
+        "eager (PEFT)": lambda t: (
+            F.linear(t["x"], t["w"]) + F.linear(F.linear(t["x"], t["a"]), t["b"]) * 2.0
+        ).backward(t["dy"]),
+        "fused, cuBLAS path": lambda t: fused_lora(t["x"], t["w"], t["a"], t["b"], 2.0).backward(t["dy"]),
+    }
+    print(f"LoRA projection forward + backward, {m} tokens, r={r}, bf16; roofline at {args.peak_tflops:g} TFLOP/s and "
+          f"{args.bandwidth_tbs:g} TB/s")  # fmt: skip
+    print("| in -> out | path | ops | GFLOP | GB moved | roofline us | over base |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in args.shapes.split(","):
+        k, n = (int(v) for v in shape.split("x"))
+        with FakeTensorMode():
+            tensors = dict(
+                x=torch.empty(m, k, dtype=dtype).requires_grad_(),
+                w=torch.empty(n, k, dtype=dtype),
+                a=torch.empty(r, k, dtype=dtype).requires_grad_(),
+                b=torch.empty(n, r, dtype=dtype).requires_grad_(),
+                dy=torch.empty(m, n, dtype=dtype),
+            )
+            results = {name: count(step, tensors) for name, step in steps.items()}
+        base_us = roofline_us(results["base"], peak, bw)
+        fused = results["fused, cuBLAS path"]
+        results["fused, Triton epilogue"] = [op for op in fused if not is_epilogue(op, r)]
+        for name, ops in results.items():
+            us = roofline_us(ops, peak, bw)
+            flops, nbytes = sum(o[1] for o in ops), sum(o[2] for o in ops)
+            print(f"| {k} -> {n} | {name} | {len(ops)} | {flops / 1e9:,.0f} | {nbytes / 1e9:.2f} | {us:,.0f} | "
+                  f"{100 * (us / base_us - 1):+.1f}% |")  # fmt: skip
+        if args.ops:
+            for op in fused:
+                mark = " [epilogue]" if is_epilogue(op, r) else ""
+                t = max(op[1] / peak, op[2] / bw) * 1e6
+                print(f"    {op[0]:<10} {op[3]:<34} {op[1] / 1e9:8.1f} GFLOP {op[2] / 1e6:9.1f} MB {t:8.1f} us{mark}")
+    set_matmul_backend("auto")
+
+
+if __name__ == "__main__":
+    main()
