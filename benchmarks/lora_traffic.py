@@ -6,7 +6,8 @@ issue: its FLOPs (``2 M N K`` for a matrix product) and the bytes of every tenso
 layer's two GEMMs, and a roofline bound (each operation at best ``max(FLOPs / peak, bytes / bandwidth)``) shows how
 much of the 10% overhead budget they use up before any kernel inefficiency. The fused rows are the cuBLAS path of
 ``lowrank_matmul``; the Triton epilogue path drops the operations marked ``[epilogue]`` (their low-rank sum is added
-in the big GEMM's epilogue instead).
+in the big GEMM's epilogue instead); "one-pass dY" also counts ``dual_lowrank``, which reads ``dY`` once for both
+``dY B`` and ``dY^T X A^T``.
 
     python benchmarks/lora_traffic.py                                  # 8192 tokens, r=16, the 8B shapes
     python benchmarks/lora_traffic.py --peak-tflops 790 --bandwidth-tbs 3.35 --ops
@@ -74,6 +75,22 @@ def is_epilogue(op: tuple[str, float, float, str], r: int) -> bool:
     return name in ("mm", "addmm") and len(dims) >= 2 and dims[-2][-1] == r and dims[-1][-1] > r
 
 
+Op = tuple[str, float, float, str]
+
+
+def one_pass_dy(ops: list[Op], m: int, n: int, r: int) -> list[Op]:
+    """The ``dual_lowrank`` kernel: ``dY^T (X A^T)`` reads the ``dY`` tiles that ``dY B`` loaded, and writes and sums
+    fp32 partials instead (``ceil(M / 256) x N x r`` floats, written once and read once)."""
+    out = []
+    for name, flops, nbytes, shapes in ops:
+        if name == "mm" and shapes == f"{n}x{m} {m}x{r}":
+            workspace = -(-m // 256) * n * r * 4 * 2
+            nbytes = nbytes - m * n * 2 + workspace
+            shapes += " [one pass with dY B]"
+        out.append((name, flops, nbytes, shapes))
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
@@ -111,6 +128,7 @@ def main() -> None:
         base_us = roofline_us(results["base"], peak, bw)
         fused = results["fused, cuBLAS path"]
         results["fused, Triton epilogue"] = [op for op in fused if not is_epilogue(op, r)]
+        results["fused, Triton epilogue + one-pass dY"] = one_pass_dy(results["fused, Triton epilogue"], m, n, r)
         for name, ops in results.items():
             us = roofline_us(ops, peak, bw)
             flops, nbytes = sum(o[1] for o in ops), sum(o[2] for o in ops)

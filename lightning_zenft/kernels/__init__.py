@@ -20,7 +20,7 @@ from lightning_zenft.kernels.lora import (
     fused_lora_group,
     lora_reference,
 )
-from lightning_zenft.kernels.matmul import lowrank_matmul, set_matmul_backend
+from lightning_zenft.kernels.matmul import dual_lowrank, lowrank_matmul, set_matmul_backend
 from lightning_zenft.kernels.mlp import fused_lora_mlp
 from lightning_zenft.kernels.nf4 import (
     NF4Weight,
@@ -39,6 +39,7 @@ __all__ = [
     "dequantize_nf4",
     "dequantize_nf4_reference",
     "dropout_mask",
+    "dual_lowrank",
     "fused_lora",
     "fused_lora_group",
     "fused_lora_mlp",

@@ -4,8 +4,8 @@ Triton kernels run on CUDA tensors, or on CPU tensors when Triton's interpreter 
 environment before the first kernel module is imported; Triton reads it when ``@triton.jit`` decorates a function).
 Everything else runs the same math with torch ops, so every kernel works on any device.
 
-The modules holding ``@triton.jit`` code (``_matmul_triton``, ``_nf4_triton``, ``_glu_triton``) are imported only from
-the launchers below, never at package import: importing ``lightning_zenft`` needs no Triton.
+The modules holding ``@triton.jit`` code (``_matmul_triton``, ``_dual_triton``, ``_nf4_triton``, ``_glu_triton``) are
+imported only from the launchers below, never at package import: importing ``lightning_zenft`` needs no Triton.
 
 Example::
 

@@ -17,6 +17,8 @@ For projection ``i`` with frozen weight ``W_i`` (``N_i x K``), bias ``b_i``, ada
   ``[s_1 dY_1 B_1, ...]^T X`` in backward read ``X`` once for all of them, and the input gradient accumulates every
   ``dY_i W_i`` and the whole low-rank term into one buffer (:func:`~lightning_zenft.kernels.matmul.lowrank_matmul`,
   whose Triton back end adds the low-rank term in the GEMM's epilogue).
+* In backward, ``dY B`` and ``dY^T (X A^T)`` come from one pass over ``dY``
+  (:func:`~lightning_zenft.kernels.matmul.dual_lowrank`, where its Triton kernel beats two cuBLAS calls).
 * Every product accumulates in fp32 inside the GEMM; the adapter path runs in the input's dtype.
 
 Example::
@@ -33,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from lightning_zenft.kernels.matmul import lowrank_matmul
+from lightning_zenft.kernels.matmul import dual_lowrank, lowrank_matmul
 
 
 @runtime_checkable
@@ -193,13 +195,17 @@ def project_backward(
     dtype = dys[0].dtype
     a_ = [a.to(dtype) for a in lora_as]
     b_ = [b.to(dtype) for b in lora_bs]
-    dybs = [dy @ b for dy, b in zip(dys, b_, strict=True)]  # (M, r_i), unscaled
     grad_a: list[torch.Tensor | None] = [None] * n
     grad_b: list[torch.Tensor | None] = [None] * n
     grad_bias = [dys[i].sum(0) if need_bias[i] else None for i in range(n)]
+    dybs = []
     for i in range(n):
-        if need_b[i]:
-            grad_b[i] = (dys[i].t() @ xas[i]).mul_(plan.scalings[i])  # (N_i, r_i)
+        if need_b[i]:  # dY B and dY^T (X A^T) from one pass over dY where that is faster
+            dyb, gb = dual_lowrank(dys[i], b_[i], xas[i])
+            grad_b[i] = gb.mul_(plan.scalings[i])  # (N_i, r_i)
+        else:
+            dyb = dys[i] @ b_[i]
+        dybs.append(dyb)  # (M, r_i), unscaled
 
     shared = plan.shared
     if shared:

@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -94,6 +95,18 @@ def _time_ms(fn: object, reps: int = 5) -> float:
     return start.elapsed_time(end) / reps
 
 
+def _triton_is_faster(key: tuple, torch_fn: Callable[[], object], triton_fn: Callable[[], object]) -> bool:
+    """Time both once for ``key`` (first call only) and remember which was faster."""
+    choice = _CHOICE.get(key)
+    if choice is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        torch_ms = _time_ms(torch_fn)
+        triton_ms = _time_ms(triton_fn)
+        choice = _CHOICE[key] = triton_ms < torch_ms
+    return choice
+
+
 def _use_triton(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -107,17 +120,47 @@ def _use_triton(
     if _BACKEND == "triton" or interpret_mode():
         return True
     r = 0 if p is None else p.shape[1]
-    m_bucket = 1 << max(x.shape[0] - 1, 0).bit_length()  # one choice per power-of-two token count
-    key = (m_bucket, tuple(w.shape), r, x.dtype, bias is not None, c0 is not None, x.device.index)
-    choice = _CHOICE.get(key)
-    if choice is None:
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        scratch = None if c0 is None else c0.clone()
-        torch_ms = _time_ms(lambda: _torch_path(x, w, p, q, bias, None if scratch is None else scratch.copy_(c0)))
-        triton_ms = _time_ms(lambda: _triton_path(x, w, p, q, bias, c0))
-        choice = _CHOICE[key] = triton_ms < torch_ms
-    return choice
+    key = ("mm", _bucket(x.shape[0]), tuple(w.shape), r, x.dtype, bias is not None, c0 is not None, x.device.index)
+    scratch = None if c0 is None else c0.clone()
+    return _triton_is_faster(
+        key,
+        lambda: _torch_path(x, w, p, q, bias, None if scratch is None else scratch.copy_(c0)),
+        lambda: _triton_path(x, w, p, q, bias, c0),
+    )
+
+
+def _bucket(m: int) -> int:
+    return 1 << max(m - 1, 0).bit_length()  # one choice per power-of-two token count
+
+
+def dual_lowrank(dy: torch.Tensor, b: torch.Tensor, xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dy @ b, dy.t() @ xa)``: the two products of a LoRA backward that read ``dy``, on the faster back end.
+
+    ``dy (M, N)``, ``b (N, R)``, ``xa (M, R)``. The Triton back end (``_dual_triton``) reads ``dy`` once for both;
+    the torch back end is two cuBLAS calls. ``"auto"`` times both once per shape on CUDA, as :func:`lowrank_matmul`.
+
+    Example::
+
+        dyb, grad_b = dual_lowrank(dy, lora_b, xa)    # then grad_b * scaling
+    """
+    if dy.dim() != 2 or b.shape != (dy.shape[1], xa.shape[1]) or xa.shape[0] != dy.shape[0]:
+        raise ValueError(
+            f"dual_lowrank needs dy (M, N), b (N, R), xa (M, R); got {tuple(dy.shape)}, {tuple(b.shape)}, "
+            f"{tuple(xa.shape)}."
+        )
+
+    def torch_fn() -> tuple[torch.Tensor, torch.Tensor]:
+        return dy @ b, dy.t() @ xa
+
+    def triton_fn() -> tuple[torch.Tensor, torch.Tensor]:
+        return triton_module("_dual_triton").dual_lowrank_triton(dy, b.to(dy.dtype), xa.to(dy.dtype))
+
+    if _BACKEND == "torch" or not triton_enabled(dy, b, xa):
+        return torch_fn()
+    if _BACKEND == "triton" or interpret_mode():
+        return triton_fn()
+    key = ("dual", _bucket(dy.shape[0]), dy.shape[1], b.shape[1], dy.dtype, dy.device.index)
+    return triton_fn() if _triton_is_faster(key, torch_fn, triton_fn) else torch_fn()
 
 
 def lowrank_matmul(

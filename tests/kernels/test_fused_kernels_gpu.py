@@ -56,6 +56,19 @@ def test_fused_lora_real_shapes(k: int, n: int) -> None:
         assert rel_err(got, want) < 1e-2
 
 
+@pytest.mark.parametrize(("m", "n", "r"), [(8192, 4096, 16), (8192, 14336, 16), (4097, 1024, 8)])
+def test_dual_lowrank_real_shapes(m: int, n: int, r: int) -> None:
+    from lightning_zenft.kernels._dual_triton import dual_lowrank_triton
+
+    torch.manual_seed(2)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, r, device="cuda", dtype=torch.bfloat16)
+    xa = torch.randn(m, r, device="cuda", dtype=torch.bfloat16)
+    p, g = dual_lowrank_triton(dy, b, xa)
+    assert rel_err(p, dy.float() @ b.float()) < 1e-2
+    assert rel_err(g, dy.float().t() @ xa.float()) < 1e-2
+
+
 def test_fused_lora_mlp_and_nf4_real_shapes() -> None:
     torch.manual_seed(1)
     dev, dtype, m, h, i, r = "cuda", torch.bfloat16, 1024, 4096, 14336, 16
