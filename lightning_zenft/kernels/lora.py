@@ -128,6 +128,13 @@ def check_projections(x: torch.Tensor, projections: Sequence[LoRAProjection]) ->
                 f"{tuple(p.lora_a.shape)}, lora_b {tuple(p.lora_b.shape)}; expected weight (out, {k}), "
                 f"lora_a (r, {k}), lora_b (out, r)."
             )
+        if p.bias is not None and tuple(p.bias.shape) != (n,):
+            raise ValueError(f"projection {i}: bias has shape {tuple(p.bias.shape)}; expected ({n},), one per output.")
+        if not isinstance(p.weight, torch.Tensor) and getattr(p.weight, "dtype", x.dtype) != x.dtype:
+            raise TypeError(
+                f"projection {i}: the quantized base weight dequantizes to {p.weight.dtype} but x is {x.dtype}; "
+                "quantize it for x's dtype (e.g. quantize_nf4(w, dtype=x.dtype)) or cast x."
+            )
         if isinstance(p.weight, torch.Tensor):
             if p.weight.requires_grad:
                 raise ValueError(
@@ -244,14 +251,13 @@ class LoRAGroupFunction(torch.autograd.Function):
         n = len(flat) // 4
         weights, biases, lora_as, lora_bs = (list(flat[j::4]) for j in range(4))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+            x2 = x  # (M, K): fused_lora_group flattens the leading dims outside, so outputs are not views
             outs, xas = project_forward(x2, plan, weights, biases, lora_as, lora_bs)
         keep_x = any(ctx.needs_input_grad[4 + 4 * i] for i in range(n))
         ctx.plan = plan
         ctx.x_shape = tuple(x2.shape)
         ctx.save_for_backward(x2 if keep_x else None, *weights, *lora_as, *lora_bs, *xas)
-        lead = x.shape[:-1]
-        return tuple(o.view(*lead, o.shape[-1]) for o in outs)
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -283,7 +289,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                 need_bias=[needs[3 + 4 * i] for i in range(n)],
                 x_shape=ctx.x_shape,
             )
-        out: list[torch.Tensor | None] = [None if grad_x is None else grad_x.view(*grads[0].shape[:-1], -1), None]
+        out: list[torch.Tensor | None] = [grad_x, None]
         for i in range(n):
             out += [None, grad_bias[i], grad_a[i], grad_b[i]]
         return tuple(out)
@@ -312,7 +318,8 @@ def fused_lora_group(
     for p in projections:
         weight = p.weight if isinstance(p.weight, torch.Tensor) else None
         flat += [weight, p.bias, p.lora_a, p.lora_b]
-    return LoRAGroupFunction.apply(x, plan, *flat)
+    outs = LoRAGroupFunction.apply(x.reshape(-1, x.shape[-1]), plan, *flat)  # (M, N_i) each
+    return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in outs)
 
 
 def fused_lora(

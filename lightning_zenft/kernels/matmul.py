@@ -79,6 +79,8 @@ def _triton_path(
     c0: torch.Tensor | None,
 ) -> torch.Tensor:
     kernel = triton_module("_matmul_triton")
+    if bias is not None and not bias.is_contiguous():
+        bias = bias.contiguous()  # the kernel reads bias[n] at bias_ptr + n
     if p is not None and q is not None and q.dtype != p.dtype:
         q = q.to(p.dtype)
     return kernel.lowrank_matmul_triton(x, w, p, q, bias, c0)

@@ -55,7 +55,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     ) -> torch.Tensor:
         w_g, b_g, a_g, bb_g, w_u, b_u, a_u, bb_u, w_d, b_d, a_d, bb_d = flat
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+            x2 = x  # (M, K): fused_lora_mlp flattens the leading dims outside, so the output is not a view
             (g, u), xa_gu = project_forward(x2, plan_gu, [w_g, w_u], [b_g, b_u], [a_g, a_u], [bb_g, bb_u])
             h = glu_forward(g, u, act)  # (M, I)
             (y,), xa_d = project_forward(h, plan_down, [w_d], [b_d], [a_d], [bb_d])  # (M, N)
@@ -69,7 +69,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         ctx.save_for_backward(
             x2 if keep_x else None, g, u, keep_h, w_g, w_u, w_d, a_g, a_u, a_d, bb_g, bb_u, bb_d, *xa_gu, *xa_d
         )
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -111,7 +111,7 @@ class LoRAMLPFunction(torch.autograd.Function):
                 need_bias=[needs[6], needs[10]],
                 x_shape=ctx.x_shape,
             )
-        grad_x = None if dx is None else dx.view(*dy.shape[:-1], dx.shape[-1])
+        grad_x = dx
         return (
             grad_x,
             None,
@@ -164,4 +164,5 @@ def fused_lora_mlp(
     flat: list[torch.Tensor | None] = []
     for p in (gate, up, down):
         flat += [p.weight if isinstance(p.weight, torch.Tensor) else None, p.bias, p.lora_a, p.lora_b]
-    return LoRAMLPFunction.apply(x, plan_gu, plan_down, act, recompute_hidden, *flat)
+    y = LoRAMLPFunction.apply(x.reshape(-1, x.shape[-1]), plan_gu, plan_down, act, recompute_hidden, *flat)
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -134,6 +134,8 @@ def test_fused_lora_rejects_a_trainable_base_weight() -> None:
         fused_lora(torch.randn(2, 3), w, torch.randn(2, 3), torch.randn(4, 2), 1.0)
     with pytest.raises(ValueError, match="expected weight"):
         fused_lora(torch.randn(2, 5), w.detach(), torch.randn(2, 3), torch.randn(4, 2), 1.0)
+    with pytest.raises(ValueError, match=r"bias has shape \(1,\); expected \(4,\)"):
+        fused_lora(torch.randn(2, 3), w.detach(), torch.randn(2, 3), torch.randn(4, 2), 1.0, torch.zeros(1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
