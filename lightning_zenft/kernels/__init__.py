@@ -10,6 +10,7 @@ Example::
 """
 
 from lightning_zenft.kernels._triton import interpret_mode, set_triton_enabled, triton_enabled
+from lightning_zenft.kernels.dora import fused_dora
 from lightning_zenft.kernels.glu import GLUActivation, glu, glu_reference
 from lightning_zenft.kernels.lora import (
     CallableWeight,
@@ -40,6 +41,7 @@ __all__ = [
     "dequantize_nf4_reference",
     "dropout_mask",
     "dual_lowrank",
+    "fused_dora",
     "fused_lora",
     "fused_lora_group",
     "fused_lora_mlp",

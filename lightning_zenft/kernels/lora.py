@@ -89,7 +89,8 @@ class LoRAProjection:
     dropout: float = 0.0
 
 
-def _dense(weight: WeightLike) -> torch.Tensor:
+def dense_of(weight: WeightLike) -> torch.Tensor:
+    """The ``(out, in)`` dense weight (a quantized one dequantized, possibly into a reused buffer)."""
     return weight if isinstance(weight, torch.Tensor) else weight.dense()
 
 

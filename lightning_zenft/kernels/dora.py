@@ -1,0 +1,165 @@
+r"""A fused DoRA projection: the LoRA kernel plus the per-output gain, in one autograd function.
+
+With ``z = x W^T + s (x A^T) B^T`` (the LoRA product without bias), the row norm ``n = ||W + s B A||_row`` treated
+as a constant (DoRA's section 4.3, as :class:`~lightning_zenft.adapters.DoRALinear` and HF PEFT do) and the gain
+``g = m / n``:
+
+.. math::
+
+    y &= g \odot z + b \\
+    dm &= \textstyle\sum_{rows} (dy \odot z) / n \qquad db = \textstyle\sum_{rows} dy \qquad dz = dy \odot g
+
+and ``dz`` goes through the LoRA backward (:func:`~lightning_zenft.kernels.lora.project_backward`): ``dX``, ``dA``,
+``dB`` as for LoRA. The norm never materializes ``W + s B A`` (``out x in``, what eager DoRA builds every step):
+
+.. math::  n^2 = \lVert W \rVert_{row}^2 + 2 s\, \mathrm{rowsum}\big(B \odot (W A^T)\big)
+                 + s^2\, \mathrm{rowsum}\big((B A A^T) \odot B\big)
+
+in fp32: one skinny product over ``W`` (``W A^T``, ``out x r``) and ``||W||_row^2``, which is computed once per base
+weight and cached (a frozen weight does not change; a new tensor or an in-place change is noticed). Saved for
+backward: ``x`` (for ``dA``), ``x A^T``, ``z`` (for ``dm``: one ``M x out`` tensor, what eager DoRA keeps too) and
+``g``. Dropout is not supported here: DoRA with dropout needs the base product of both the input and the dropped-out
+input, which the fused layer leaves to the unfused forward.
+
+Example::
+
+    y = fused_dora(x, base.weight, lora_a, lora_b, magnitude, scaling=2.0, bias=base.bias)
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from lightning_zenft.kernels.lora import (
+    LoRAProjection,
+    ProjectionPlan,
+    WeightLike,
+    check_projections,
+    dense_of,
+    project_backward,
+    project_forward,
+)
+
+_ROW_NORM_CACHE: dict[int, tuple[weakref.ReferenceType, int, torch.Tensor]] = {}
+
+
+def _weight_row_norm_sq(weight: WeightLike, dense: torch.Tensor) -> torch.Tensor:
+    """``||W||_row^2`` in fp32 (``(out,)``); cached for a dense frozen weight until it changes or is freed."""
+    if not isinstance(weight, torch.Tensor):  # dequantized on the fly: the dense copy is a reused buffer
+        return torch.linalg.vector_norm(dense, dim=1, dtype=torch.float32).square()
+    key = id(weight)
+    hit = _ROW_NORM_CACHE.get(key)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    norm_sq = torch.linalg.vector_norm(dense, dim=1, dtype=torch.float32).square()  # (out,)
+    _ROW_NORM_CACHE[key] = (weakref.ref(weight, lambda _: _ROW_NORM_CACHE.pop(key, None)), weight._version, norm_sq)
+    return norm_sq
+
+
+def dora_row_norm(
+    weight: WeightLike, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dense: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``||W + s B A||`` per output row, fp32, without building ``W + s B A`` (see the module docstring)."""
+    with torch.no_grad():
+        w = dense_of(weight) if dense is None else dense  # (out, in)
+        a = lora_a.to(w.dtype)
+        b = lora_b.float()
+        wa = (w @ a.t()).float()  # (out, r)
+        aat = lora_a.float() @ lora_a.float().t()  # (r, r)
+        cross = (b * wa).sum(1)  # (out,)
+        own = ((b @ aat) * b).sum(1)  # (out,)
+        norm_sq = _weight_row_norm_sq(weight, w) + 2.0 * scaling * cross + scaling * scaling * own
+        return norm_sq.clamp_min(0.0).sqrt()
+
+
+class DoRAFunction(torch.autograd.Function):
+    """Autograd function of :func:`fused_dora`; inputs ``(x, plan, weight, bias, lora_a, lora_b, magnitude)``."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        plan: ProjectionPlan,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        magnitude: torch.Tensor,
+        norm: torch.Tensor,
+    ) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            (z,), (xa,) = project_forward(x, plan, [weight], [None], [lora_a], [lora_b])  # (M, N), (M, r)
+            gain = magnitude.float() / norm  # (N,)
+            y = z * gain.to(z.dtype)
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+        ctx.plan = plan
+        ctx.x_shape = tuple(x.shape)
+        ctx.magnitude_dtype = magnitude.dtype
+        keep_x = ctx.needs_input_grad[4]
+        ctx.save_for_backward(x if keep_x else None, weight, lora_a, lora_b, xa, z, gain, norm)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, lora_a, lora_b, xa, z, gain, norm = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        with torch.autocast(device_type=dy.device.type, enabled=False):
+            dy = dy.contiguous()  # (M, N)
+            grad_m = (dy * z).sum(0, dtype=torch.float32).div_(norm) if needs[6] else None  # (N,)
+            grad_bias = dy.sum(0) if needs[3] else None
+            dz = dy * gain.to(dy.dtype)  # (M, N)
+            grad_x, (grad_a,), (grad_b,), _ = project_backward(
+                x,
+                ctx.plan,
+                [weight],
+                [lora_a],
+                [lora_b],
+                [xa],
+                [dz],
+                need_x=needs[0],
+                need_a=[needs[4]],
+                need_b=[needs[5]],
+                need_bias=[False],
+                x_shape=ctx.x_shape,
+            )
+        if grad_m is not None:
+            grad_m = grad_m.to(ctx.magnitude_dtype)
+        return grad_x, None, None, grad_bias, grad_a, grad_b, grad_m, None
+
+
+def fused_dora(
+    x: torch.Tensor,
+    weight: WeightLike,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(m / ||W + s B A||_row) * (x W^T + s x A^T B^T) + b`` with the norm constant in backward (DoRA, no dropout).
+
+    Args:
+        x: input ``(..., in)``.
+        weight: the frozen base weight ``(out, in)`` or a :class:`~lightning_zenft.kernels.lora.FrozenWeight`.
+        lora_a: ``(r, in)``. lora_b: ``(out, r)``. magnitude: ``m``, ``(out,)``. scaling: ``s``.
+        bias: ``(out,)`` or None.
+
+    Example::
+
+        y = fused_dora(x, w, layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector, layer.scaling)
+    """
+    projection = LoRAProjection(weight, bias, lora_a, lora_b, scaling)
+    check_projections(x, [projection])
+    if tuple(magnitude.shape) != (weight.shape[0],):
+        shape, out = tuple(magnitude.shape), weight.shape[0]
+        raise ValueError(f"magnitude has shape {shape}; expected ({out},), one value per output.")
+    plan = ProjectionPlan([projection], training=False)  # no dropout in the fused DoRA
+    dense = dense_of(weight)
+    norm = dora_row_norm(weight, lora_a, lora_b, scaling, dense)  # (out,), fp32, constant
+    w = weight if isinstance(weight, torch.Tensor) else None
+    y = DoRAFunction.apply(x.reshape(-1, x.shape[-1]), plan, w, bias, lora_a, lora_b, magnitude, norm)
+    return y.view(*x.shape[:-1], y.shape[-1])
