@@ -161,6 +161,7 @@ class SharedInputGroup:
         self.names = names
         self._pending: dict[int, torch.Tensor] = {}
         self._input: weakref.ReferenceType[torch.Tensor] | None = None
+        self._mode: tuple[bool, torch.dtype] | None = None  # grad mode and compute dtype of the pending outputs
 
     def _leave(self, idx: int, why: str) -> None:
         layer = self.members[idx]
@@ -183,6 +184,9 @@ class SharedInputGroup:
                 out = self._pending.pop(idx)
                 if not self._pending:
                     self._input = None
+                dtype = _compute_dtype(x)
+                if self._mode != (torch.is_grad_enabled(), dtype):  # e.g. a sibling called under no_grad
+                    return fused_lora_group(x.to(dtype), [layer.projection(dtype)], layer.training)[0]
                 return out
             self._leave(idx, "it was called on a different tensor than its siblings")
             return layer(x)
@@ -200,6 +204,7 @@ class SharedInputGroup:
         outs = fused_lora_group(x.to(dtype), [m.projection(dtype) for m in self.members], layer.training)
         self._pending = {i: o for i, o in enumerate(outs) if i != idx}
         self._input = weakref.ref(x)
+        self._mode = (torch.is_grad_enabled(), dtype)
         return outs[idx]
 
 
@@ -237,16 +242,16 @@ class FusedGatedMLPForward:
     def __init__(
         self, module: nn.Module, gate: str, up: str, down: str, act: str, recompute_hidden: bool = False
     ) -> None:
-        self.module_ref = weakref.ref(module)
+        self.module = module  # a strong reference: deepcopy maps it to the copy, pickle stores it
         self.gate, self.up, self.down, self.act = gate, up, down, act
         self.recompute_hidden = recompute_hidden
 
     def layers(self) -> tuple[FusedLoRALinear, FusedLoRALinear, FusedLoRALinear]:
-        module = self.module_ref()
+        module = self.module
         return getattr(module, self.gate), getattr(module, self.up), getattr(module, self.down)
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        module = self.module_ref()
+        module = self.module
         gate, up, down = self.layers()
         active = all(isinstance(m, FusedLoRALinear) and m.fused_active() for m in (gate, up, down))
         if args or kwargs or not active or len({gate.training, up.training, down.training}) > 1:
@@ -272,6 +277,13 @@ def _activation_of(module: nn.Module) -> tuple[str, str] | None:
     return None
 
 
+def _other_parts(module: nn.Module, projections: list[nn.Module], act_fn: object) -> str:
+    """Children and own parameters of a gated MLP beyond its three projections and activation (e.g. a dropout)."""
+    others = [n for n, c in module.named_children() if c is not act_fn and not any(c is p for p in projections)]
+    others += [n for n, _ in module.named_parameters(recurse=False)]
+    return ", ".join(others)
+
+
 def _mlp_candidate(module: nn.Module) -> tuple[str, list[tuple[str, str, str]]] | str | None:
     """For a module that looks like a gated MLP: its activation kind and the (gate, up, down) orders to try."""
     act = _activation_of(module)
@@ -284,6 +296,9 @@ def _mlp_candidate(module: nn.Module) -> tuple[str, list[tuple[str, str, str]]] 
     if len(children) != 3:
         names = ", ".join(n for n, _ in linears)
         return f"not all of its projections ({names}) are LoRA layers"
+    skipped = _other_parts(module, [c for _, c in linears], getattr(module, act[0]))
+    if skipped:
+        return f"it has other parts ({skipped}) that the fused MLP would skip"
     shapes = {n: (c.in_features, c.out_features) for n, c in children}
     orders = []
     for down, (d_in, d_out) in shapes.items():
@@ -318,11 +333,11 @@ class GLUMLPForward:
     """The instance-level ``forward`` of a gated MLP of plain (non-LoRA) layers: ``down(glu(gate(x), up(x)))``."""
 
     def __init__(self, module: nn.Module, gate: str, up: str, down: str, act: str) -> None:
-        self.module_ref = weakref.ref(module)
+        self.module = module  # a strong reference: deepcopy maps it to the copy, pickle stores it
         self.gate, self.up, self.down, self.act = gate, up, down, act
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        module = self.module_ref()
+        module = self.module
         if args or kwargs:
             return type(module).forward(module, x, *args, **kwargs)
         g, u = getattr(module, self.gate)(x), getattr(module, self.up)(x)
@@ -344,7 +359,7 @@ def fuse_glu_mlps(model: nn.Module, warn: bool = True) -> list[str]:
             continue
         act = _activation_of(module)
         kids = [(n, c) for n, c in module.named_children() if isinstance(c, nn.Linear)]
-        if act is None or len(kids) != 3 or len(list(module.children())) != 4:
+        if act is None or len(kids) != 3 or _other_parts(module, [c for _, c in kids], getattr(module, act[0])):
             continue
         shapes = {n: (c.in_features, c.out_features) for n, c in kids}
         for down, (d_in, d_out) in shapes.items():
@@ -434,6 +449,8 @@ def fuse_lora_layers(
             if isinstance(module, LoRALinear) or isinstance(module.__dict__.get("forward"), FusedGatedMLPForward):
                 continue
             cand = _mlp_candidate(module)
+            if cand is not None and "forward" in module.__dict__:
+                cand = "its forward is overridden on the instance (a wrapper or hook the fused MLP would bypass)"
             if cand is None:
                 continue
             if isinstance(cand, str):

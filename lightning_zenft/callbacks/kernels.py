@@ -141,6 +141,11 @@ class FusedKernels(Callback):
             rank_zero_info(f"FusedKernels: {len(groups)} groups of LoRA layers share their input.")
 
     @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn == "fit":  # Lightning skips teardown when fit raises: restore the model here
+            self.teardown(trainer, pl_module, "fit")
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
