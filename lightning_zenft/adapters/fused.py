@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 import weakref
 from collections.abc import Callable
@@ -36,49 +35,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_zenft.adapters._base import is_conv1d
+from lightning_zenft.adapters._fused_weights import base_weight, compute_dtype, kernel_weight
+from lightning_zenft.adapters.dora import DoRALinear
+from lightning_zenft.adapters.fused_dora import FusedDoRALinear, dora_unfusable_reason
 from lightning_zenft.adapters.lora import LoRALinear
 from lightning_zenft.kernels.glu import GLU_ACTIVATIONS, activation_reference, glu
-from lightning_zenft.kernels.lora import CallableWeight, LoRAProjection, WeightLike, fused_lora_group
+from lightning_zenft.kernels.lora import LoRAProjection, fused_lora_group
 from lightning_zenft.kernels.mlp import fused_lora_mlp
-from lightning_zenft.kernels.nf4 import NF4Weight
 
 _ACT_ATTRS = ("act_fn", "activation_fn", "act", "activation")
 
 
 # ---------------------------------------------------------------------------------------------------- per layer
-def base_weight(base: nn.Module) -> WeightLike | None:
-    """The frozen base weight as the kernels take it: an ``(out, in)`` tensor, an NF4 weight, or a dequantizer.
-
-    Returns None when the layer's weight is in a form the kernels cannot read.
-    """
-    weight = getattr(base, "weight", None)
-    if weight is None:
-        return None
-    nf4 = getattr(base, "nf4_weight", None)
-    if callable(nf4):
-        return nf4()
-    if type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None:
-        if weight.quant_state.quant_type == "nf4":
-            return NF4Weight.from_bnb(weight)
-    dequantize = getattr(base, "dequantize_weight", None)
-    if callable(dequantize):
-        out_f = getattr(base, "out_features", None)
-        in_f = getattr(base, "in_features", None)
-        if out_f is None or in_f is None:
-            return None
-        return CallableWeight(dequantize, (int(out_f), int(in_f)))
-    if not weight.is_floating_point():
-        return None
-    return weight.t() if is_conv1d(base) else weight
-
-
 def unfusable_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot run the fused LoRA kernel, or None when it can."""
     if not isinstance(layer, LoRALinear):
         return f"{type(layer).__name__} is not a LoRALinear"
-    if type(layer) not in (LoRALinear, FusedLoRALinear):
-        return f"{type(layer).__name__} has its own forward (the fused kernel computes plain LoRA only)"
+    if type(layer) in (DoRALinear, FusedDoRALinear):
+        why = dora_unfusable_reason(layer)
+        if why is not None:
+            return why
+    elif type(layer) not in (LoRALinear, FusedLoRALinear):
+        return f"{type(layer).__name__} has its own forward (the fused kernels compute LoRA and DoRA only)"
     if not isinstance(layer.lora_dropout, (nn.Identity, nn.Dropout)):
         return f"its lora_dropout is a {type(layer.lora_dropout).__name__}, not nn.Dropout"
     if any(type(p).__name__ == "DTensor" for p in layer.parameters()):
@@ -92,13 +70,6 @@ def unfusable_reason(layer: nn.Module) -> str | None:
     if isinstance(weight, torch.Tensor) and weight.requires_grad:
         return "its base weight requires grad (the fused kernel computes no base-weight gradient)"
     return None
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device = x.device.type
-    if torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
 
 
 class FusedLoRALinear(LoRALinear):
@@ -115,16 +86,7 @@ class FusedLoRALinear(LoRALinear):
 
     def projection(self, dtype: torch.dtype) -> LoRAProjection:
         """This layer as a :class:`~lightning_zenft.kernels.LoRAProjection` in ``dtype``."""
-        weight = base_weight(self.base_layer)
-        if weight is None:
-            raise RuntimeError(
-                f"{type(self.base_layer).__name__}'s weight can no longer be read by the fused kernel; "
-                "call lightning_zenft.adapters.fused.unfuse_lora_layers(model) before changing the base layer."
-            )
-        if isinstance(weight, torch.Tensor) and weight.dtype != dtype:
-            weight = weight.to(dtype)  # (out, in), as autocast would cast it for F.linear
-        elif isinstance(weight, NF4Weight) and weight.dtype != dtype:
-            weight = dataclasses.replace(weight, dtype=dtype)
+        weight = kernel_weight(self.base_layer, dtype)
         bias = getattr(self.base_layer, "bias", None)
         p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
         return LoRAProjection(weight, bias, self.lora_A.weight, self.lora_B.weight, self.scaling, p)
@@ -139,7 +101,7 @@ class FusedLoRALinear(LoRALinear):
         group: SharedInputGroup | None = self.__dict__.get("_zenft_group")
         if group is not None:
             return group(self, x)
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         return fused_lora_group(x.to(dtype), [self.projection(dtype)], self.training)[0]
 
 
@@ -184,7 +146,7 @@ class SharedInputGroup:
                 out = self._pending.pop(idx)
                 if not self._pending:
                     self._input = None
-                dtype = _compute_dtype(x)
+                dtype = compute_dtype(x)
                 if self._mode != (torch.is_grad_enabled(), dtype):  # e.g. a sibling called under no_grad
                     return fused_lora_group(x.to(dtype), [layer.projection(dtype)], layer.training)[0]
                 return out
@@ -198,9 +160,9 @@ class SharedInputGroup:
                 return layer(x)
             idx = next(i for i, m in enumerate(self.members) if m is layer)
         if not all(m.fused_active() for m in self.members) or len({m.training for m in self.members}) > 1:
-            dtype = _compute_dtype(x)
+            dtype = compute_dtype(x)
             return fused_lora_group(x.to(dtype), [layer.projection(dtype)], layer.training)[0]
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         outs = fused_lora_group(x.to(dtype), [m.projection(dtype) for m in self.members], layer.training)
         self._pending = {i: o for i, o in enumerate(outs) if i != idx}
         self._input = weakref.ref(x)
@@ -225,7 +187,7 @@ class _SiblingObserver:
                     self.shares_with[idx] = self.shares_with.get(j, j)
                     break
             self.first_input[idx] = weakref.ref(x)
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         return fused_lora_group(x.to(dtype), [layer.projection(dtype)], layer.training)[0]
 
     def groups(self) -> list[list[int]]:
@@ -256,7 +218,7 @@ class FusedGatedMLPForward:
         active = all(isinstance(m, FusedLoRALinear) and m.fused_active() for m in (gate, up, down))
         if args or kwargs or not active or len({gate.training, up.training, down.training}) > 1:
             return type(module).forward(module, x, *args, **kwargs)
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         projections = (gate.projection(dtype), up.projection(dtype), down.projection(dtype))
         return fused_lora_mlp(x.to(dtype), *projections, self.act, gate.training, self.recompute_hidden)
 
@@ -296,6 +258,8 @@ def _mlp_candidate(module: nn.Module) -> tuple[str, list[tuple[str, str, str]]] 
     if len(children) != 3:
         names = ", ".join(n for n, _ in linears)
         return f"not all of its projections ({names}) are LoRA layers"
+    if any(isinstance(c, DoRALinear) for _, c in children):
+        return "its projections are DoRA layers, which run the fused DoRA kernel one by one"
     skipped = _other_parts(module, [c for _, c in linears], getattr(module, act[0]))
     if skipped:
         return f"it has other parts ({skipped}) that the fused MLP would skip"
@@ -432,17 +396,17 @@ def fuse_lora_layers(
     """
     report = FusionReport()
     for name, module in model.named_modules():
-        if isinstance(module, LoRALinear) and not isinstance(module, FusedLoRALinear):
+        if isinstance(module, (FusedLoRALinear, FusedDoRALinear)):
+            report.layers.append(name)
+        elif isinstance(module, LoRALinear):
             why = unfusable_reason(module)
             if why is None:
-                module.__class__ = FusedLoRALinear
+                module.__class__ = FusedDoRALinear if type(module) is DoRALinear else FusedLoRALinear
                 report.layers.append(name)
             else:
                 report.skipped[name] = why
                 if warn:
                     _warn(name, why, "keeps the unfused LoRA forward")
-        elif isinstance(module, FusedLoRALinear):
-            report.layers.append(name)
     in_mlp: set[int] = set()
     if mlp:
         for name, module in model.named_modules():
@@ -521,7 +485,7 @@ def finalize_shared_inputs(model: nn.Module) -> list[list[str]]:
 
 
 def unfuse_lora_layers(model: nn.Module) -> int:
-    """Undo :func:`fuse_lora_layers`: plain LoRALinear classes, original MLP forwards; returns layers restored."""
+    """Undo :func:`fuse_lora_layers`: plain LoRALinear/DoRALinear classes, original MLP forwards; returns the count."""
     count = 0
     for _, module in model.named_modules():
         if isinstance(module.__dict__.get("forward"), (FusedGatedMLPForward, GLUMLPForward)):
@@ -529,6 +493,9 @@ def unfuse_lora_layers(model: nn.Module) -> int:
         if isinstance(module, FusedLoRALinear):
             module.__dict__.pop("_zenft_group", None)
             module.__class__ = LoRALinear
+            count += 1
+        elif isinstance(module, FusedDoRALinear):
+            module.__class__ = DoRALinear
             count += 1
     return count
 

@@ -158,14 +158,51 @@ def test_fallbacks_are_named_in_warnings() -> None:
     mlp = model.model.layers[0].mlp
     mlp.down_proj = mlp.down_proj.base_layer  # this MLP can no longer be fused whole
     attn = model.model.layers[1].self_attn
-    attn.q_proj = DoRALinear(attn.q_proj.base_layer, r=2, alpha=4)
+    attn.q_proj = DoRALinear(attn.q_proj.base_layer, r=2, alpha=4, dropout=0.1)
     with pytest.warns(UserWarning) as record:
         report = fuse_lora_layers(model)
     text = "\n".join(str(w.message) for w in record)
-    assert "model.layers.1.self_attn.q_proj keeps the unfused LoRA forward: DoRALinear has its own forward" in text
+    assert "model.layers.1.self_attn.q_proj keeps the unfused LoRA forward: it is a DoRA layer with dropout" in text
     assert "model.layers.0.mlp is a gated MLP but is not fused" in text and "down_proj" in text
     assert report.mlps == ["model.layers.1.mlp"]
     assert type(attn.q_proj) is DoRALinear
+
+
+def test_dora_model_fused_matches_unfused() -> None:
+    """DoRA on every projection (no dropout): each layer runs the fused DoRA kernel; loss, every gradient equal."""
+    from lightning_zenft.adapters.fused_dora import FusedDoRALinear
+    from lightning_zenft.config import LoRAConfig
+    from lightning_zenft.inject import inject_adapters
+
+    ids = torch.randint(0, LLAMA["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(4))
+    models = []
+    for _ in range(2):
+        model = tiny_llama()
+        inject_adapters(model, LoRAConfig(r=3, alpha=6, use_dora=True, target_modules="all-linear"))
+        torch.manual_seed(5)
+        for m in model.modules():
+            if isinstance(m, DoRALinear):
+                nn.init.normal_(m.lora_B.weight, std=0.1)
+                with torch.no_grad():
+                    m.lora_magnitude_vector.mul_(1.0 + 0.2 * torch.rand_like(m.lora_magnitude_vector))
+        models.append(model)
+    plain, fused = models
+    with pytest.warns(UserWarning, match="DoRA layers, which run the fused DoRA kernel one by one"):
+        report = fuse_lora_layers(fused)
+    assert len(report.layers) == 14 and not report.mlps
+    assert sum(isinstance(m, FusedDoRALinear) for m in fused.modules()) == 14
+    fused(input_ids=ids)
+    assert finalize_shared_inputs(fused) == []  # DoRA layers are not grouped
+    losses = [m(input_ids=ids, labels=ids).loss for m in (plain, fused)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-5)
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    assert any("lora_magnitude_vector" in n for n in grads)
+    for n, p in fused.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert unfuse_lora_layers(fused) == 14 and all(type(m) is not FusedDoRALinear for m in fused.modules())
 
 
 class TwoReaders(nn.Module):
