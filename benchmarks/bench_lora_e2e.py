@@ -8,6 +8,7 @@ Modes (``--modes``, comma separated):
 * ``ours``: ``L.Trainer`` with the ``LoRA`` and ``FusedKernels`` callbacks (fused LoRA, q/k/v and MLP groups,
   Liger RMSNorm, RoPE and fused linear cross-entropy).
 * ``ours_nokernels``: the same Trainer without ``FusedKernels``.
+* ``ours_dora``, ``ours_dora_nokernels``, ``peft_dora``: the same with DoRA (``DoRA`` callback; PEFT ``use_dora``).
 * ``peft``, ``peft_liger``: HF PEFT ``get_peft_model`` (plain loop), without / with Liger's Llama patch.
 * ``full``: full fine-tuning (AdamW on every weight).
 * ``ceiling``, ``ceiling_liger``: every weight frozen, no adapters, gradients flowing to the inputs; the fastest a
@@ -114,7 +115,8 @@ def run_plain(mode: str, args: argparse.Namespace, device: torch.device) -> dict
     else:
         from peft import LoraConfig, get_peft_model
 
-        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
+        dora = mode.startswith("peft_dora")
+        config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, use_dora=dora)
         model = get_peft_model(model, config)
         params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -147,7 +149,7 @@ def run_ours(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     """Ours as users run it: a Lightning Trainer with the LoRA (and FusedKernels) callbacks."""
     import lightning as L
 
-    from lightning_zenft.callbacks.adapters import LoRA
+    from lightning_zenft.callbacks.adapters import DoRA, LoRA
     from lightning_zenft.callbacks.kernels import FusedKernels
 
     quantized = args.quant == "nf4"
@@ -188,8 +190,9 @@ def run_ours(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     module = Module()
     data = batches(args, module.model.config.vocab_size, torch.device("cpu"), timed_steps + args.profile)
     loader = torch.utils.data.DataLoader(data, batch_size=None)
-    callbacks: list[L.Callback] = [LoRA(r=16, alpha=32, dropout=0.0, target_modules=TARGETS), StepTimer()]
-    if mode == "ours":
+    adapter = DoRA if mode.startswith("ours_dora") else LoRA
+    callbacks: list[L.Callback] = [adapter(r=16, alpha=32, dropout=0.0, target_modules=TARGETS), StepTimer()]
+    if mode in ("ours", "ours_dora"):
         callbacks.insert(1, FusedKernels())
     trainer = L.Trainer(
         accelerator=device.type,

@@ -5,6 +5,7 @@
 #
 #   bash benchmarks/run_gpu.sh tests micro estimate          # GPU parity tests, fused_lora microbenchmark, estimator
 #   bash benchmarks/run_gpu.sh e2e-1b                         # 1.1B shape, bf16, every mode, profiled
+#   bash benchmarks/run_gpu.sh e2e-1b-dora                    # 1.1B shape, DoRA: ours fused, ours eager, PEFT
 #   bash benchmarks/run_gpu.sh e2e-8b                         # 8B shape, bf16 (full fine-tuning does not fit)
 #   bash benchmarks/run_gpu.sh e2e-8b-nf4                     # 8B shape, NF4 base
 #
@@ -42,6 +43,9 @@ for stage in "$@"; do
         && python3 benchmarks/record_results.py "$OUT_DIR" --only estimate ;;
     e2e-1b)
       python3 benchmarks/bench_lora_e2e.py --size 1b --batch 4 --seq 2048 --profile 2 --json "$OUT_DIR/e2e-1b.json" ;;
+    e2e-1b-dora)
+      python3 benchmarks/bench_lora_e2e.py --size 1b --batch 4 --seq 2048 --profile 2 \
+        --modes ours_dora,ours_dora_nokernels,peft_dora,ceiling_liger --json "$OUT_DIR/e2e-1b-dora.json" ;;
     e2e-8b)
       python3 benchmarks/bench_lora_e2e.py --size 8b --batch 2 --seq 2048 --profile 2 \
         --modes ours,ours_nokernels,peft,peft_liger,ceiling,ceiling_liger --json "$OUT_DIR/e2e-8b.json" ;;
@@ -49,7 +53,7 @@ for stage in "$@"; do
       python3 benchmarks/bench_lora_e2e.py --size 8b --batch 2 --seq 2048 --quant nf4 --profile 2 \
         --modes ours,peft,peft_liger,ceiling,ceiling_liger --json "$OUT_DIR/e2e-8b-nf4.json" ;;
     *)
-      echo "unknown stage $stage: tests, micro, estimate, e2e-1b, e2e-8b, e2e-8b-nf4"; status=2; continue ;;
+      echo "unknown stage $stage: tests, micro, estimate, e2e-1b, e2e-1b-dora, e2e-8b, e2e-8b-nf4"; status=2; continue ;;
   esac
   rc=$?
   [ $rc -ne 0 ] && status=$rc && echo "stage $stage failed with exit code $rc"

@@ -70,7 +70,7 @@ def _record(tmp_path: Path, ours_tok: int, ours_peak: float) -> str:
 
 def test_record_results_states_each_verdict(tmp_path: Path) -> None:
     out = _record(tmp_path, ours_tok=85_000, ours_peak=12.0)
-    assert "ours = 94.4% of ceiling_liger (target >= 90%: met)" in out
+    assert "Throughput: ours = 94.4% of ceiling_liger (target >= 90%: met)" in out
     assert "(target: met)" in out
     assert "2.83x tokens/s" in out
     assert "<= 10%: MISSED" in out  # the micro row at +12%
