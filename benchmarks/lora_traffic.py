@@ -23,10 +23,24 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from lightning_zenft.kernels import fused_lora, set_matmul_backend
+from lightning_zenft.kernels import LoRAProjection, fused_lora, fused_lora_group, fused_lora_mlp, set_matmul_backend
 
+Op = tuple[str, float, float, str]
 MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm"}
-FREE = {"t", "view", "detach", "split_with_sizes", "expand", "reshape", "_unsafe_view", "as_strided", "transpose"}
+FREE = {
+    "new_empty",
+    "empty",
+    "empty_like",
+    "t",
+    "view",
+    "detach",
+    "split_with_sizes",
+    "expand",
+    "reshape",
+    "_unsafe_view",
+    "as_strided",
+    "transpose",
+}
 
 
 class Counter(TorchDispatchMode):
@@ -68,27 +82,93 @@ def roofline_us(ops: list[tuple[str, float, float, str]], peak: float, bandwidth
     return sum(max(f / peak, b / bandwidth) for _, f, b, _ in ops) * 1e6
 
 
-def is_epilogue(op: tuple[str, float, float, str], r: int) -> bool:
-    """A rank-``r`` product ``P Q`` written to a full output (the low-rank term of ``Y`` or of ``dX``)."""
+def _dims(shapes: str) -> list[tuple[int, ...]]:
+    return [tuple(int(v) for v in part.split("x")) for part in shapes.split()]
+
+
+def is_epilogue(op: Op, r: int) -> bool:
+    """A low-rank product ``P Q`` (inner dimension at most ``4 r``: one rank or a q/k/v group's) written to a full
+    output: the term the Triton GEMM adds in its epilogue instead."""
     name, _, _, shapes = op
-    dims = [tuple(int(v) for v in s.split("x")) for s in shapes.split()]
-    return name in ("mm", "addmm") and len(dims) >= 2 and dims[-2][-1] == r and dims[-1][-1] > r
+    dims = _dims(shapes)
+    return name in ("mm", "addmm") and len(dims) >= 2 and dims[-2][-1] <= 4 * r and dims[-1][-1] > 4 * r
 
 
-Op = tuple[str, float, float, str]
-
-
-def one_pass_dy(ops: list[Op], m: int, n: int, r: int) -> list[Op]:
+def one_pass_dy(ops: list[Op], m: int, r: int) -> list[Op]:
     """The ``dual_lowrank`` kernel: ``dY^T (X A^T)`` reads the ``dY`` tiles that ``dY B`` loaded, and writes and sums
     fp32 partials instead (``ceil(M / 256) x N x r`` floats, written once and read once)."""
     out = []
     for name, flops, nbytes, shapes in ops:
-        if name == "mm" and shapes == f"{n}x{m} {m}x{r}":
-            workspace = -(-m // 256) * n * r * 4 * 2
-            nbytes = nbytes - m * n * 2 + workspace
+        dims = _dims(shapes)
+        if name == "mm" and len(dims) == 2 and dims[0][1] == m and dims[1] == (m, dims[1][1]) and dims[1][1] <= r:
+            n = dims[0][0]
+            nbytes = nbytes - m * n * 2 + -(-m // 256) * n * dims[1][1] * 4 * 2
             shapes += " [one pass with dY B]"
         out.append((name, flops, nbytes, shapes))
     return out
+
+
+def triton_paths(fused: list[Op], m: int, r: int) -> dict[str, list[Op]]:
+    epilogue = [op for op in fused if not is_epilogue(op, r)]
+    return {"fused, Triton epilogue": epilogue, "fused, Triton epilogue + one-pass dY": one_pass_dy(epilogue, m, r)}
+
+
+def matmul_ops(ops: list[Op]) -> list[Op]:
+    """The products and the small operations; the gated MLP's elementwise passes are left out: on a GPU both the
+    frozen model (Liger's SwiGLU) and the fused MLP (its GLU kernel) run them as one forward and one backward kernel
+    over the same tensors, and on fake tensors the torch fallback's many fp32 passes would be counted instead."""
+    return [op for op in ops if op[0] in MATMULS or op[2] < 4 * 2**20]
+
+
+LAYERS = {"1b": (2048, 5632, 256), "8b": (4096, 14336, 1024)}  # hidden, intermediate, k/v width
+
+
+def layer_report(size: str, m: int, r: int, peak: float, bw: float) -> None:
+    """One decoder layer's projections and gated MLP (attention, norms and the rest are the same in both): the
+    products and small operations only (:func:`matmul_ops`)."""
+    h, i, kv = LAYERS[size]
+    dtype = torch.bfloat16
+    with FakeTensorMode():
+        t = dict(
+            x=torch.empty(m, h, dtype=dtype).requires_grad_(),
+            o_in=torch.empty(m, h, dtype=dtype).requires_grad_(),
+            x2=torch.empty(m, h, dtype=dtype).requires_grad_(),
+        )
+        shapes = dict(q=(h, h), k=(kv, h), v=(kv, h), o=(h, h), gate=(i, h), up=(i, h), down=(h, i))
+        w = {k: torch.empty(*v, dtype=dtype) for k, v in shapes.items()}
+        a = {k: torch.empty(r, v[1], dtype=dtype).requires_grad_() for k, v in shapes.items()}
+        b = {k: torch.empty(v[0], r, dtype=dtype).requires_grad_() for k, v in shapes.items()}
+        dy = {k: torch.empty(m, shapes[k][0], dtype=dtype) for k in ("q", "k", "v", "o", "down")}
+
+        def frozen(_: dict) -> None:
+            outs = [F.linear(t["x"], w[k]) for k in ("q", "k", "v")] + [F.linear(t["o_in"], w["o"])]
+            hidden = F.silu(F.linear(t["x2"], w["gate"])) * F.linear(t["x2"], w["up"])
+            outs.append(F.linear(hidden, w["down"]))
+            torch.autograd.backward(outs, [dy[k] for k in ("q", "k", "v", "o", "down")])
+
+        def fused(_: dict) -> None:
+            proj = {k: LoRAProjection(w[k], None, a[k], b[k], 2.0) for k in shapes}
+            outs = list(fused_lora_group(t["x"], [proj["q"], proj["k"], proj["v"]]))
+            outs.append(fused_lora(t["o_in"], w["o"], a["o"], b["o"], 2.0))
+            outs.append(fused_lora_mlp(t["x2"], proj["gate"], proj["up"], proj["down"]))
+            torch.autograd.backward(outs, [dy[k] for k in ("q", "k", "v", "o", "down")])
+
+        leaves = {**t, **{f"a_{k}": v for k, v in a.items()}, **{f"b_{k}": v for k, v in b.items()}}
+        results = {
+            name: matmul_ops(count(fn, leaves))
+            for name, fn in (("frozen (ceiling)", frozen), ("fused, cuBLAS path", fused))
+        }
+    results.update(triton_paths(results["fused, cuBLAS path"], m, r))
+    base_us = roofline_us(results["frozen (ceiling)"], peak, bw)
+    print(f"\nOne decoder layer of the {size} shape (h={h}, i={i}, k/v={kv}), its seven projections (GLU passes left "
+          f"out, the same in both), {m} tokens, r={r}")  # fmt: skip
+    print("| path | ops | GFLOP | GB moved | roofline us | over the frozen layer |")
+    print("|---|---|---|---|---|---|")
+    for name, ops in results.items():
+        us = roofline_us(ops, peak, bw)
+        flops, nbytes = sum(o[1] for o in ops), sum(o[2] for o in ops)
+        print(f"| {name} | {len(ops)} | {flops / 1e9:,.0f} | {nbytes / 1e9:.2f} | {us:,.0f} | "
+              f"{100 * (us / base_us - 1):+.1f}% |")  # fmt: skip
 
 
 def main() -> None:
@@ -99,6 +179,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 matrix rate (H100, measured: ~800)")
     parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="memory bandwidth (H100 SXM: 3.35 TB/s)")
     parser.add_argument("--ops", action="store_true", help="list the fused path's operations")
+    parser.add_argument("--layer", choices=sorted(LAYERS), help="also one whole decoder layer of this model shape")
     args = parser.parse_args()
     peak, bw = args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12
     set_matmul_backend("torch")
@@ -127,8 +208,7 @@ def main() -> None:
             results = {name: count(step, tensors) for name, step in steps.items()}
         base_us = roofline_us(results["base"], peak, bw)
         fused = results["fused, cuBLAS path"]
-        results["fused, Triton epilogue"] = [op for op in fused if not is_epilogue(op, r)]
-        results["fused, Triton epilogue + one-pass dY"] = one_pass_dy(results["fused, Triton epilogue"], m, n, r)
+        results.update(triton_paths(fused, m, r))
         for name, ops in results.items():
             us = roofline_us(ops, peak, bw)
             flops, nbytes = sum(o[1] for o in ops), sum(o[2] for o in ops)
@@ -139,6 +219,8 @@ def main() -> None:
                 mark = " [epilogue]" if is_epilogue(op, r) else ""
                 t = max(op[1] / peak, op[2] / bw) * 1e6
                 print(f"    {op[0]:<10} {op[3]:<34} {op[1] / 1e9:8.1f} GFLOP {op[2] / 1e6:9.1f} MB {t:8.1f} us{mark}")
+    if args.layer:
+        layer_report(args.layer, m, r, peak, bw)
     set_matmul_backend("auto")
 
 
