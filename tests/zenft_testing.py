@@ -111,3 +111,32 @@ def make_trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(callbacks=callbacks, **defaults)
+
+
+# ------------------------------------------------------------------------------------------- kernel parity helpers
+def close(
+    got: torch.Tensor | None,
+    want: torch.Tensor | None,
+    dtype: torch.dtype,
+    what: str,
+    fp32_tol: float = 2e-5,
+    low_tol: float = 3e-2,
+) -> None:
+    """``got`` (computed in ``dtype``) against an fp32 reference, tolerance scaled to the values' magnitude."""
+    assert got is not None and want is not None, f"{what}: missing gradient"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    scale = want.float().abs().max().clamp_min(1.0)
+    tol = fp32_tol if dtype == torch.float32 else low_tol
+    err = (got.float() - want.float()).abs().max()
+    assert err <= tol * scale, f"{what}: max error {err.item():.3g} > {tol * scale.item():.3g}"
+
+
+def leaf(*shape: int, dtype: torch.dtype, grad: bool = True, scale: float = 1.0) -> torch.Tensor:
+    """A random leaf tensor in ``dtype`` (requiring grad unless ``grad=False``)."""
+    return (torch.randn(*shape) * scale).to(dtype).requires_grad_(grad)
+
+
+def ref_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An fp32 copy of ``t`` for a reference computation, requiring grad as ``t`` does."""
+    return None if t is None else t.detach().float().requires_grad_(t.requires_grad)

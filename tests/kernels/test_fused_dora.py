@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from zenft_testing import close as close_within
 
 from lightning_zenft.adapters import DoRALinear
 from lightning_zenft.kernels import quantize_nf4
@@ -16,12 +17,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 
 
 def close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    assert got is not None and want is not None, f"{what}: missing"
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    scale = want.float().abs().max().clamp_min(1.0)
-    tol = 3e-5 if dtype == torch.float32 else 4e-2
-    err = (got.float() - want.float()).abs().max()
-    assert err <= tol * scale, f"{what}: max error {err.item():.3g} > {(tol * scale).item():.3g}"
+    close_within(got, want, dtype, what, fp32_tol=3e-5, low_tol=4e-2)
 
 
 def reference(x, w, a, b, m, s, bias):  # noqa: ANN001, ANN201

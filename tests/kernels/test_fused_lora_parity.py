@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from zenft_testing import close, leaf, ref_copy
 
 from lightning_zenft.kernels import (
     LoRAProjection,
@@ -19,24 +20,6 @@ from lightning_zenft.kernels import (
 from lightning_zenft.kernels.lora import ProjectionPlan
 
 DTYPES = [torch.float32, torch.bfloat16]
-
-
-def close(got: torch.Tensor | None, want: torch.Tensor | None, dtype: torch.dtype, what: str) -> None:
-    """``got`` (computed in ``dtype``) against an fp32 reference, tolerance scaled to the values' magnitude."""
-    assert got is not None and want is not None, f"{what}: missing gradient"
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    scale = want.float().abs().max().clamp_min(1.0)
-    tol = 2e-5 if dtype == torch.float32 else 3e-2
-    err = (got.float() - want.float()).abs().max()
-    assert err <= tol * scale, f"{what}: max error {err.item():.3g} > {tol * scale.item():.3g}"
-
-
-def leaf(*shape: int, dtype: torch.dtype, grad: bool = True, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape) * scale).to(dtype).requires_grad_(grad)
-
-
-def ref_copy(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().float().requires_grad_(t.requires_grad)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
