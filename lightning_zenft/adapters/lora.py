@@ -89,6 +89,20 @@ class LoRALinear(nn.Module):
         self.register_buffer("pissa_B0", None, persistent=False)
         self.reset_adapter_parameters()
 
+    # ------------------------------------------------------------------ the wrapped layer's attributes
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, for model code that reads ``proj.weight`` (T5 reads its dtype), as in HF PEFT.
+
+        Not a parameter of this module: ``state_dict`` keeps it under ``base_layer.weight``.
+        """
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias (or None), as :attr:`weight`."""
+        return getattr(self.base_layer, "bias", None)
+
     # ------------------------------------------------------------------ protocol
     def adapter_params(self) -> list[str]:
         return ["lora_A.weight", "lora_B.weight"]
