@@ -258,6 +258,7 @@ class LoRAGroupFunction(torch.autograd.Function):
         ctx.plan = plan
         ctx.x_shape = tuple(x2.shape)
         ctx.save_for_backward(x2 if keep_x else None, *weights, *lora_as, *lora_bs, *xas)
+        ctx.set_materialize_grads(False)  # an unused output (a sibling called under no_grad) gives its adapter no grad
         return tuple(outs)
 
     @staticmethod
@@ -273,8 +274,15 @@ class LoRAGroupFunction(torch.autograd.Function):
             saved[1 + 3 * n :],
         )
         needs = ctx.needs_input_grad
-        with torch.autocast(device_type=grads[0].device.type, enabled=False):
-            dys = [g.reshape(-1, g.shape[-1]) for g in grads]  # (M, N_i)
+        used = [g is not None for g in grads]
+        if not any(used):
+            return (None,) * (2 + 4 * n)
+        like = next(g for g in grads if g is not None)
+        with torch.autocast(device_type=like.device.type, enabled=False):
+            dys = [  # (M, N_i); an unused output's gradient is zero and its parameters get None
+                g.reshape(-1, g.shape[-1]) if g is not None else like.new_zeros(ctx.x_shape[0], lora_bs[i].shape[0])
+                for i, g in enumerate(grads)
+            ]
             dys = [dy if dy.is_contiguous() else dy.contiguous() for dy in dys]
             grad_x, grad_a, grad_b, grad_bias = project_backward(
                 x2,
@@ -285,9 +293,9 @@ class LoRAGroupFunction(torch.autograd.Function):
                 xas,
                 dys,
                 need_x=needs[0],
-                need_a=[needs[4 + 4 * i] for i in range(n)],
-                need_b=[needs[5 + 4 * i] for i in range(n)],
-                need_bias=[needs[3 + 4 * i] for i in range(n)],
+                need_a=[needs[4 + 4 * i] and used[i] for i in range(n)],
+                need_b=[needs[5 + 4 * i] and used[i] for i in range(n)],
+                need_bias=[needs[3 + 4 * i] and used[i] for i in range(n)],
                 x_shape=ctx.x_shape,
             )
         out: list[torch.Tensor | None] = [grad_x, None]

@@ -228,3 +228,20 @@ def test_mlp_saves_each_adapted_input_once(recompute: bool, down_a_trains: bool)
             close(p.lora_a.grad, ar.grad, torch.float32, "dA")
         else:
             assert p.lora_a.grad is None
+
+
+def test_group_member_whose_output_is_unused_gets_no_gradient(backend: str) -> None:
+    """As with separate layers: an output that takes no part in the loss leaves its adapter's gradients None."""
+    torch.manual_seed(9)
+    x = leaf(6, 10, dtype=torch.float32)
+    ws = [torch.randn(7, 10), torch.randn(5, 10)]
+    as_ = [leaf(2, 10, dtype=torch.float32) for _ in ws]
+    bs = [leaf(w.shape[0], 2, dtype=torch.float32) for w in ws]
+    y0, _ = fused_lora_group(x, [LoRAProjection(w, None, a, b, 1.5) for w, a, b in zip(ws, as_, bs, strict=True)])
+    y0.square().sum().backward()
+    assert as_[1].grad is None and bs[1].grad is None
+    xr, ar, br = ref_copy(x), ref_copy(as_[0]), ref_copy(bs[0])
+    lora_reference(xr, ws[0], ar, br, 1.5).square().sum().backward()
+    close(x.grad, xr.grad, torch.float32, "dx")
+    close(as_[0].grad, ar.grad, torch.float32, "dA")
+    close(bs[0].grad, br.grad, torch.float32, "dB")
