@@ -21,6 +21,9 @@ import triton.language as tl
 
 from lightning_zenft.kernels._triton import interpret_mode
 
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): many tokens, then few.
+CONFIGS = [(256, 64, 8, 3), (64, 64, 4, 3)]
+
 
 @triton.jit
 def _dual_lowrank_kernel(
@@ -92,7 +95,7 @@ def dual_lowrank_triton(
     if interpret_mode():
         block_m, block_n, warps, stages = 16, 16, 1, 1
     else:
-        block_m, block_n, warps, stages = (256, 64, 8, 3) if m >= 4096 else (64, 64, 4, 3)
+        block_m, block_n, warps, stages = CONFIGS[0] if m >= 4096 else CONFIGS[1]
     block_r = max(16, triton.next_power_of_2(r))
     grid_m = triton.cdiv(m, block_m)
     sm_count = 1 if interpret_mode() else torch.cuda.get_device_properties(dy.device).multi_processor_count
