@@ -245,3 +245,25 @@ def test_group_member_whose_output_is_unused_gets_no_gradient(backend: str) -> N
     close(x.grad, xr.grad, torch.float32, "dx")
     close(as_[0].grad, ar.grad, torch.float32, "dA")
     close(bs[0].grad, br.grad, torch.float32, "dB")
+
+
+def test_auto_backend_keeps_the_faster_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first call for a key times both back ends once; later calls reuse the choice without timing again."""
+    from lightning_zenft.kernels import matmul
+
+    times = {"torch": 2.0, "triton": 1.0}
+    timed: list[str] = []
+
+    def fake_time(fn: object) -> float:
+        name = fn()
+        timed.append(name)
+        return times[name]
+
+    monkeypatch.setattr(matmul, "_time_ms", fake_time)
+    monkeypatch.setattr(matmul, "_CHOICE", {})
+    assert matmul._triton_is_faster(("k", 1), lambda: "torch", lambda: "triton") is True
+    times.update(torch=0.5)
+    assert matmul._triton_is_faster(("k", 1), lambda: "torch", lambda: "triton") is True  # cached
+    assert timed == ["torch", "triton"]
+    assert matmul._triton_is_faster(("k", 2), lambda: "torch", lambda: "triton") is False  # a new key is timed
+    assert timed == ["torch", "triton", "torch", "triton"]
