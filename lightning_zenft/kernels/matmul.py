@@ -101,7 +101,7 @@ def _triton_is_faster(key: tuple, torch_fn: Callable[[], object], triton_fn: Cal
     """Time both once for ``key`` (first call only) and remember which was faster."""
     choice = _CHOICE.get(key)
     if choice is None:
-        if torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return False
         torch_ms = _time_ms(torch_fn)
         triton_ms = _time_ms(triton_fn)
