@@ -76,7 +76,7 @@ def dora_row_norm(
 
 
 class DoRAFunction(torch.autograd.Function):
-    """Autograd function of :func:`fused_dora`; inputs ``(x, plan, weight, bias, lora_a, lora_b, magnitude)``."""
+    """Autograd function of :func:`fused_dora`; inputs ``(x, plan, weight, bias, lora_a, lora_b, magnitude, norm)``."""
 
     @staticmethod
     def forward(
