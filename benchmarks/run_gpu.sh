@@ -20,13 +20,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 python3 - <<'EOF' | tee "$OUT_DIR/env.txt"
-import importlib, torch
+from importlib.metadata import PackageNotFoundError, version
+import torch
 print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
-for name in ("torch", "triton", "transformers", "peft", "lightning", "bitsandbytes", "liger_kernel"):
+for name in ("torch", "triton", "transformers", "peft", "lightning", "bitsandbytes", "liger-kernel"):
     try:
-        print(name, importlib.import_module(name).__version__)
-    except Exception as err:  # noqa: BLE001
-        print(name, "missing:", type(err).__name__)
+        print(name, version(name))
+    except PackageNotFoundError:
+        print(name, "missing")
 EOF
 
 status=0
