@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
@@ -29,8 +30,9 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
 def triton_installed() -> bool:
-    """True when ``import triton`` would work."""
+    """True when ``import triton`` would work (looked up once per process)."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -47,11 +49,11 @@ def set_triton_enabled(enabled: bool) -> None:
 
 def triton_enabled(*tensors: torch.Tensor) -> bool:
     """Whether the Triton path should run for these tensors: all on CUDA (or the interpreter forced), Triton present."""
-    if _DISABLED or not triton_installed():
+    if _DISABLED:
         return False
     if interpret_mode():
-        return all(t.device.type == "cpu" for t in tensors)
-    return all(t.is_cuda for t in tensors)
+        return triton_installed() and all(t.device.type == "cpu" for t in tensors)
+    return all(t.is_cuda for t in tensors) and triton_installed()
 
 
 def require_triton() -> ModuleType:
