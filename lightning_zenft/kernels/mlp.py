@@ -76,6 +76,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         x2, g, u, h, w_g, w_u, w_d, a_g, a_u, a_d, bb_g, bb_u, bb_d, xa_g, xa_u, xa_d = ctx.saved_tensors
         needs = ctx.needs_input_grad
         act = ctx.act
+        need_gu = needs[0] or any(needs[6:9]) or any(needs[10:13])  # anything upstream of h needs a gradient
         with torch.autocast(device_type=dy.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()  # (M, N)
             if ctx.need_h and ctx.recompute_hidden:
@@ -88,32 +89,33 @@ class LoRAMLPFunction(torch.autograd.Function):
                 [bb_d],
                 [xa_d],
                 [dy2],
-                need_x=True,
+                need_x=need_gu,
                 need_a=[needs[15]],
                 need_b=[needs[16]],
                 need_bias=[needs[14]],
                 x_shape=tuple(g.shape),
             )
             del h
-            dg, du = glu_backward(dh, g, u, act)  # (M, I) each
-            del dh
-            dx, (ga_g, ga_u), (gb_g, gb_u), (gbias_g, gbias_u) = project_backward(
-                x2,
-                ctx.plan_gu,
-                [w_g, w_u],
-                [a_g, a_u],
-                [bb_g, bb_u],
-                [xa_g, xa_u],
-                [dg, du],
-                need_x=needs[0],
-                need_a=[needs[7], needs[11]],
-                need_b=[needs[8], needs[12]],
-                need_bias=[needs[6], needs[10]],
-                x_shape=ctx.x_shape,
-            )
-        grad_x = dx
+            dx, ga_g, ga_u, gb_g, gb_u, gbias_g, gbias_u = (None,) * 7
+            if need_gu:  # else only down's adapter (or bias) trains and x needs no gradient: stop here
+                dg, du = glu_backward(dh, g, u, act)  # (M, I) each
+                del dh
+                dx, (ga_g, ga_u), (gb_g, gb_u), (gbias_g, gbias_u) = project_backward(
+                    x2,
+                    ctx.plan_gu,
+                    [w_g, w_u],
+                    [a_g, a_u],
+                    [bb_g, bb_u],
+                    [xa_g, xa_u],
+                    [dg, du],
+                    need_x=needs[0],
+                    need_a=[needs[7], needs[11]],
+                    need_b=[needs[8], needs[12]],
+                    need_bias=[needs[6], needs[10]],
+                    x_shape=ctx.x_shape,
+                )
         return (
-            grad_x,
+            dx,
             None,
             None,
             None,

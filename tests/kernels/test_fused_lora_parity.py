@@ -267,3 +267,29 @@ def test_auto_backend_keeps_the_faster_per_key(monkeypatch: pytest.MonkeyPatch) 
     assert timed == ["torch", "triton"]
     assert matmul._triton_is_faster(("k", 2), lambda: "torch", lambda: "triton") is False  # a new key is timed
     assert timed == ["torch", "triton", "torch", "triton"]
+
+
+def test_mlp_backward_stops_at_down_when_nothing_upstream_trains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only down's adapter trains and x needs no gradient: no GLU or gate/up backward runs; down's grads are exact."""
+    from lightning_zenft.kernels import mlp
+
+    F32 = torch.float32  # noqa: N806
+
+    def no_glu_backward(*_: object) -> None:
+        raise AssertionError("the GLU backward ran although nothing upstream of h needs a gradient")
+
+    torch.manual_seed(10)
+    x = torch.randn(5, 8)
+    projections = [
+        LoRAProjection(torch.randn(12, 8), None, torch.randn(2, 8), torch.randn(12, 2), 1.0),
+        LoRAProjection(torch.randn(12, 8), None, torch.randn(2, 8), torch.randn(12, 2), 1.0),
+        LoRAProjection(torch.randn(8, 12), None, leaf(2, 12, dtype=F32), leaf(8, 2, dtype=F32), 1.0),
+    ]
+    monkeypatch.setattr(mlp, "glu_backward", no_glu_backward)
+    fused_lora_mlp(x, *projections).square().sum().backward()
+    g = lora_reference(x, projections[0].weight, projections[0].lora_a, projections[0].lora_b, 1.0)
+    u = lora_reference(x, projections[1].weight, projections[1].lora_a, projections[1].lora_b, 1.0)
+    ad, bd = ref_copy(projections[2].lora_a), ref_copy(projections[2].lora_b)
+    lora_reference(torch.nn.functional.silu(g) * u, projections[2].weight, ad, bd, 1.0).square().sum().backward()
+    close(projections[2].lora_a.grad, ad.grad, F32, "dA down")
+    close(projections[2].lora_b.grad, bd.grad, F32, "dB down")
