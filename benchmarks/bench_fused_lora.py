@@ -5,7 +5,8 @@ For each shape ``(tokens, in, out)`` it times, in one process and with the same 
 * ``base``: ``F.linear(x, W)`` with ``W`` frozen, ``x`` requiring grad (what the ceiling pays per layer);
 * ``eager``: ``F.linear(x, W) + s * F.linear(F.linear(x, A), B)`` (what HF PEFT runs);
 * ``fused``: :func:`lightning_zenft.kernels.fused_lora`, matmul back end ``auto`` (Triton epilogue where it is faster);
-* ``fused-cublas``: the same with the cuBLAS-only back end;
+* ``fused-cublas``, ``fused-triton``, ``fused-tma``: the same on one back end each (cuBLAS only; the Triton epilogue
+  GEMM; its TMA variant);
 * with ``--nf4``: ``base-nf4`` (dequantize + ``F.linear``), ``fused-nf4``, and ``bnb-nf4`` (bitsandbytes'
   ``matmul_4bit``) when bitsandbytes is installed.
 
@@ -103,8 +104,9 @@ def bench_shape(tokens: int, k: int, n: int, r: int, args: argparse.Namespace, d
     }
     backends = {"fused": "auto"}
     if device.type == "cuda":
-        cases["fused-cublas"] = lambda: fused_lora(x, w, a, b, s)
-        backends["fused-cublas"] = "torch"
+        for name, backend in (("fused-cublas", "torch"), ("fused-triton", "triton"), ("fused-tma", "triton-tma")):
+            cases[name] = lambda: fused_lora(x, w, a, b, s)
+            backends[name] = backend
     if args.nf4:
         nf4: NF4Weight = quantize_nf4(w, dtype=dtype)
         cases["base-nf4"] = lambda: F.linear(x, dequantize_nf4(nf4).view(n, k))

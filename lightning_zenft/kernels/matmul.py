@@ -9,9 +9,12 @@ r"""``C = [C_0] + X W + P Q + b``: the product every fused LoRA kernel is made o
   temporary beyond ``C``.
 * ``"triton"``: one Triton GEMM that adds ``P Q``, ``b`` and ``C_0`` to its fp32 tile before the single store
   (``_matmul_triton``), saving the extra write and read of ``C`` that the torch path costs.
-* ``"auto"`` (the default): on CUDA, the first call for each shape times both once and keeps the faster, so Triton
-  runs where it beats cuBLAS and cuBLAS where it does not; on CPU, torch, unless Triton's interpreter is forced
-  (``TRITON_INTERPRET=1``, tests), then Triton.
+* ``"triton-tma"``: the same GEMM fetching its ``X`` and ``W`` tiles with Hopper's tensor-memory accelerator (TMA),
+  where the operands allow it (unit last stride, 16-byte rows), else ``"triton"``.
+* ``"auto"`` (the default): on CUDA, the first call for each shape times every eligible back end once and keeps the
+  fastest, so Triton runs where it beats cuBLAS and cuBLAS where it does not (a TMA build that fails on this Triton
+  or GPU is dropped with one warning); on CPU, torch, unless Triton's interpreter is forced (``TRITON_INTERPRET=1``,
+  tests), then Triton.
 
 Example::
 
@@ -20,6 +23,7 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -27,21 +31,23 @@ import torch
 
 from lightning_zenft.kernels._triton import interpret_mode, triton_enabled, triton_module
 
-EpilogueBackend = Literal["auto", "triton", "torch"]
+EpilogueBackend = Literal["auto", "triton", "triton-tma", "torch"]
+_BACKENDS = ("auto", "triton", "triton-tma", "torch")
 _BACKEND: EpilogueBackend = "auto"
-_CHOICE: dict[tuple, bool] = {}
+_CHOICE: dict[tuple, str] = {}
+_TMA_FAILED: list[str] = []  # the error of a TMA build that failed here: auto stops trying it
 
 
 def set_matmul_backend(backend: EpilogueBackend) -> None:
-    """Pick the back end of :func:`lowrank_matmul` process-wide: ``"auto"``, ``"triton"`` or ``"torch"``.
+    """Pick the back end of :func:`lowrank_matmul` process-wide (see the module docstring).
 
     Example::
 
         set_matmul_backend("torch")   # cuBLAS only, e.g. to measure what the Triton epilogue buys
     """
     global _BACKEND
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"matmul backend={backend!r} is not one of 'auto', 'triton', 'torch'.")
+    if backend not in _BACKENDS:
+        raise ValueError(f"matmul backend={backend!r} is not one of {', '.join(map(repr, _BACKENDS))}.")
     _BACKEND = backend
     _CHOICE.clear()
 
@@ -77,13 +83,20 @@ def _triton_path(
     q: torch.Tensor | None,
     bias: torch.Tensor | None,
     c0: torch.Tensor | None,
+    tma: bool = False,
 ) -> torch.Tensor:
     kernel = triton_module("_matmul_triton")
     if bias is not None and not bias.is_contiguous():
         bias = bias.contiguous()  # the kernel reads bias[n] at bias_ptr + n
     if p is not None and q is not None and q.dtype != p.dtype:
         q = q.to(p.dtype)
-    return kernel.lowrank_matmul_triton(x, w, p, q, bias, c0)
+    return kernel.lowrank_matmul_triton(x, w, p, q, bias, c0, tma=tma)
+
+
+def _tma_eligible(x: torch.Tensor, w: torch.Tensor) -> bool:
+    if _TMA_FAILED or not triton_module("_matmul_triton").tma_compatible(x, w):
+        return False
+    return interpret_mode() or torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
 def _time_ms(fn: object, reps: int = 5) -> float:
@@ -97,38 +110,56 @@ def _time_ms(fn: object, reps: int = 5) -> float:
     return start.elapsed_time(end) / reps
 
 
-def _triton_is_faster(key: tuple, torch_fn: Callable[[], object], triton_fn: Callable[[], object]) -> bool:
-    """Time both once for ``key`` (first call only) and remember which was faster."""
+def _fastest(key: tuple, candidates: dict[str, Callable[[], object]]) -> str:
+    """Time every candidate once for ``key`` (first call only) and remember the fastest one's name.
+
+    A ``"tma"`` candidate that raises (a Triton or GPU without TMA support) is dropped for good, with one warning.
+    """
     choice = _CHOICE.get(key)
     if choice is None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            return False
-        torch_ms = _time_ms(torch_fn)
-        triton_ms = _time_ms(triton_fn)
-        choice = _CHOICE[key] = triton_ms < torch_ms
+            return "torch"
+        times = {}
+        for name, fn in candidates.items():
+            try:
+                times[name] = _time_ms(fn)
+            except Exception as err:  # noqa: BLE001 - only the optional TMA build may fail here
+                if name != "tma":
+                    raise
+                _TMA_FAILED.append(f"{type(err).__name__}: {err}")
+                why = f"lowrank_matmul: the TMA GEMM failed here and is not used ({_TMA_FAILED[0]})."
+                warnings.warn(why, stacklevel=3)
+        choice = _CHOICE[key] = min(times, key=times.__getitem__)
     return choice
 
 
-def _use_triton(
+def _choose(
     x: torch.Tensor,
     w: torch.Tensor,
     p: torch.Tensor | None,
     q: torch.Tensor | None,
     bias: torch.Tensor | None,
     c0: torch.Tensor | None,
-) -> bool:
+) -> str:
+    """``"torch"``, ``"triton"`` or ``"tma"`` for this call (see the module docstring)."""
     if _BACKEND == "torch" or not triton_enabled(x, w):
-        return False
+        return "torch"
+    if _BACKEND == "triton-tma":
+        return "tma" if _tma_eligible(x, w) else "triton"
     if _BACKEND == "triton" or interpret_mode():
-        return True
+        return "triton"
     r = 0 if p is None else p.shape[1]
-    key = ("mm", _bucket(x.shape[0]), tuple(w.shape), r, x.dtype, bias is not None, c0 is not None, x.device.index)
+    layout = (x.stride(1) == 1, w.stride(1) == 1)
+    key = ("mm", _bucket(x.shape[0]), tuple(w.shape), layout, r, x.dtype, bias is not None, c0 is not None,
+           x.device.index)  # fmt: skip
     scratch = None if c0 is None else c0.clone()  # the torch path accumulates in place: time it on a copy
-    return _triton_is_faster(
-        key,
-        lambda: _torch_path(x, w, p, q, bias, scratch),  # no re-copy inside the timing: values do not matter
-        lambda: _triton_path(x, w, p, q, bias, c0),
-    )
+    candidates = {
+        "torch": lambda: _torch_path(x, w, p, q, bias, scratch),  # no re-copy inside the timing: values do not matter
+        "triton": lambda: _triton_path(x, w, p, q, bias, c0),
+    }
+    if _tma_eligible(x, w):
+        candidates["tma"] = lambda: _triton_path(x, w, p, q, bias, c0, tma=True)
+    return _fastest(key, candidates)
 
 
 def _bucket(m: int) -> int:
@@ -159,10 +190,10 @@ def dual_lowrank(dy: torch.Tensor, b: torch.Tensor, xa: torch.Tensor) -> tuple[t
 
     if _BACKEND == "torch" or not triton_enabled(dy, b, xa):
         return torch_fn()
-    if _BACKEND == "triton" or interpret_mode():
+    if _BACKEND in ("triton", "triton-tma") or interpret_mode():
         return triton_fn()
     key = ("dual", _bucket(dy.shape[0]), dy.shape[1], b.shape[1], dy.dtype, dy.device.index)
-    return triton_fn() if _triton_is_faster(key, torch_fn, triton_fn) else torch_fn()
+    return triton_fn() if _fastest(key, {"torch": torch_fn, "triton": triton_fn}) == "triton" else torch_fn()
 
 
 def lowrank_matmul(
@@ -182,6 +213,7 @@ def lowrank_matmul(
         raise ValueError(f"lowrank_matmul needs x (M, K) and w (K, N); got x {tuple(x.shape)}, w {tuple(w.shape)}.")
     if (p is None) != (q is None):
         raise ValueError("lowrank_matmul needs both p and q for the low-rank term, or neither.")
-    if _use_triton(x, w, p, q, bias, c0):
-        return _triton_path(x, w, p, q, bias, c0)
-    return _torch_path(x, w, p, q, bias, c0)
+    choice = _choose(x, w, p, q, bias, c0)
+    if choice == "torch":
+        return _torch_path(x, w, p, q, bias, c0)
+    return _triton_path(x, w, p, q, bias, c0, tma=choice == "tma")

@@ -56,6 +56,8 @@ def build(
         warps=warps,
         stages=stages,
         shared_bytes=int(kernel.metadata.shared),
+        wgmma=len(re.findall(r"wgmma\.mma_async", kernel.asm["ptx"])),
+        tma_copies=len(re.findall(r"cp\.async\.bulk\.tensor", kernel.asm["ptx"])),
         **registers(kernel.asm["ptx"]),
     )
 
@@ -91,6 +93,27 @@ def matmul_builds() -> list[dict]:
             flags = dict(HAS_LOWRANK=lowrank, HAS_BIAS=bias, HAS_C0=c0, BLOCK_R=16, UPCAST=False)
             consts = dict(cfg.kwargs) | flags | unit
             out.append(build("lowrank_matmul", kernel.fn, types, consts, cfg.num_warps, cfg.num_stages, aligned))
+    return out
+
+
+def tma_builds() -> list[dict]:
+    from lightning_zenft.kernels import _matmul_triton as mm
+
+    kernel = mm._lowrank_matmul_tma_kernel
+    fn = kernel.fn
+    ints = ["M", "N", "K", "R", "M_BUCKET"] + [n for n in fn.arg_names if n.startswith("stride_")]
+    unit = dict(stride_pr=1, stride_qr=1, stride_c0n=1, stride_cn=1)
+    out = []
+    for i, cfg in enumerate(kernel.configs):  # every tuning config with a (N, K) weight; the (K, N) one on the first
+        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        for w_nk in (True, False) if i == 0 else (True,):
+            w_block = [bn, bk] if w_nk else [bk, bn]
+            types = {"x_desc": f"tensordesc<bf16[{bm}, {bk}]>", "w_desc": f"tensordesc<bf16{w_block}>"}
+            types |= {n: "*bf16" for n in fn.arg_names if n.endswith("_ptr")} | {n: "i32" for n in ints}
+            flags = dict(W_NK=w_nk, HAS_LOWRANK=True, HAS_BIAS=True, HAS_C0=True, BLOCK_R=16, UPCAST=False)
+            consts = dict(cfg.kwargs) | flags | unit
+            aligned = tuple(n for n in ints if n not in unit)
+            out.append(build("lowrank_matmul_tma", fn, types, consts, cfg.num_warps, cfg.num_stages, aligned))
     return out
 
 
@@ -141,7 +164,7 @@ def main() -> None:
     from lightning_zenft.kernels import _matmul_triton as mm
 
     print(json.dumps(dict(kernel="tuning", configs=len(mm._lowrank_matmul_kernel.configs))), flush=True)
-    for row in matmul_builds() + dual_builds() + elementwise_builds():
+    for row in matmul_builds() + tma_builds() + dual_builds() + elementwise_builds():
         print(json.dumps(row), flush=True)
 
 

@@ -31,7 +31,12 @@ def builds() -> list[dict]:
 
 def test_every_kernel_compiles_for_sm90(builds: list[dict]) -> None:
     kinds = {b["kernel"] for b in builds}
-    assert kinds == {"tuning", "lowrank_matmul", "dual_lowrank", "glu_fwd", "glu_bwd", "nf4_dequant"}
+    gemms = {"lowrank_matmul", "lowrank_matmul_tma", "dual_lowrank"}
+    assert kinds == {"tuning", "glu_fwd", "glu_bwd", "nf4_dequant"} | gemms
+    for b in builds[1:]:
+        if b["kernel"] in gemms:
+            assert b["wgmma"] > 0, f"{b['kernel']} {b['config']}: no Hopper wgmma instruction"
+        assert (b["tma_copies"] > 0) == (b["kernel"] == "lowrank_matmul_tma"), f"{b['kernel']}: TMA copies"
     tuning = next(b["configs"] for b in builds if b["kernel"] == "tuning")
     tiles = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")
     built = {tuple(b["config"][k] for k in tiles) + (b["warps"], b["stages"])

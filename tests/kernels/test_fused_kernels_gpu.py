@@ -23,7 +23,7 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True, params=["triton", "torch"])
+@pytest.fixture(autouse=True, params=["triton", "triton-tma", "torch"])
 def matmul_backend(request: pytest.FixtureRequest):
     set_triton_enabled(True)
     set_matmul_backend(request.param)

@@ -247,11 +247,12 @@ def test_group_member_whose_output_is_unused_gets_no_gradient(backend: str) -> N
     close(bs[0].grad, br.grad, torch.float32, "dB")
 
 
-def test_auto_backend_keeps_the_faster_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The first call for a key times both back ends once; later calls reuse the choice without timing again."""
+def test_auto_backend_keeps_the_fastest_per_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first call for a key times every candidate once; later calls reuse the choice; a failing TMA build is
+    dropped with one warning and never tried again, while any other failure propagates."""
     from lightning_zenft.kernels import matmul
 
-    times = {"torch": 2.0, "triton": 1.0}
+    times = {"torch": 2.0, "triton": 1.0, "tma": 0.5}
     timed: list[str] = []
 
     def fake_time(fn: object) -> float:
@@ -259,14 +260,23 @@ def test_auto_backend_keeps_the_faster_per_key(monkeypatch: pytest.MonkeyPatch) 
         timed.append(name)
         return times[name]
 
+    def broken() -> str:
+        raise RuntimeError("no TMA here")
+
     monkeypatch.setattr(matmul, "_time_ms", fake_time)
     monkeypatch.setattr(matmul, "_CHOICE", {})
-    assert matmul._triton_is_faster(("k", 1), lambda: "torch", lambda: "triton") is True
-    times.update(torch=0.5)
-    assert matmul._triton_is_faster(("k", 1), lambda: "torch", lambda: "triton") is True  # cached
+    monkeypatch.setattr(matmul, "_TMA_FAILED", [])
+    two = {"torch": lambda: "torch", "triton": lambda: "triton"}
+    assert matmul._fastest(("k", 1), two) == "triton"
+    times.update(torch=0.1)
+    assert matmul._fastest(("k", 1), two) == "triton"  # cached
     assert timed == ["torch", "triton"]
-    assert matmul._triton_is_faster(("k", 2), lambda: "torch", lambda: "triton") is False  # a new key is timed
-    assert timed == ["torch", "triton", "torch", "triton"]
+    assert matmul._fastest(("k", 2), two | {"tma": lambda: "tma"}) == "torch"  # a new key is timed
+    with pytest.warns(UserWarning, match="TMA GEMM failed here and is not used .RuntimeError: no TMA here"):
+        assert matmul._fastest(("k", 3), two | {"tma": broken}) == "torch"
+    assert matmul._TMA_FAILED and not matmul._tma_eligible(torch.zeros(16, 16), torch.zeros(16, 16))
+    with pytest.raises(RuntimeError, match="no TMA here"):
+        matmul._fastest(("k", 4), {"torch": broken})
 
 
 def test_mlp_backward_stops_at_down_when_nothing_upstream_trains(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -293,3 +303,42 @@ def test_mlp_backward_stops_at_down_when_nothing_upstream_trains(monkeypatch: py
     lora_reference(torch.nn.functional.silu(g) * u, projections[2].weight, ad, bd, 1.0).square().sum().backward()
     close(projections[2].lora_a.grad, ad.grad, F32, "dA down")
     close(projections[2].lora_b.grad, bd.grad, F32, "dB down")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_tma_gemm_matches_the_reference(triton_on: None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TMA variant of the epilogue GEMM: every term, both weight layouts, odd M and N, and the backward through it;
+    operands TMA cannot fetch (rows not a multiple of 16 bytes) fall back to the pointer kernel."""
+    from lightning_zenft.kernels import _matmul_triton as mm
+    from lightning_zenft.kernels import matmul, set_matmul_backend
+
+    launches: list[bool] = []
+    original = mm._launch_tma
+    monkeypatch.setattr(mm, "_launch_tma", lambda *a: launches.append(True) or original(*a))
+    monkeypatch.setattr(matmul, "_TMA_FAILED", [])
+    set_matmul_backend("triton-tma")
+    try:
+        torch.manual_seed(11)
+        for m, k, n, r in [(37, 48, 40, 5), (16, 32, 72, 16)]:
+            x, big_w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+            p, q = torch.randn(m, r).to(dtype), torch.randn(r, n).to(dtype)
+            bias, c0 = torch.randn(n).to(dtype), torch.randn(m, n).to(dtype)
+            want = c0.float() + x.float() @ big_w.float().t() + p.float() @ q.float() + bias.float()
+            for w in (big_w.t(), big_w.t().contiguous()):  # (N, K) row-major weight, or a (K, N) one
+                close(lowrank_matmul(x, w, p, q, bias, c0.clone()), want, dtype, f"tma {m}x{k}x{n}")
+        assert len(launches) == 4
+        x, w = leaf(9, 16, dtype=dtype), leaf(24, 16, dtype=dtype, grad=False)
+        a, b = leaf(4, 16, dtype=dtype, scale=0.3), leaf(24, 4, dtype=dtype, scale=0.3)
+        y = fused_lora(x, w, a, b, 1.5)
+        y.square().sum().backward()
+        xr, ar, br = ref_copy(x), ref_copy(a), ref_copy(b)
+        lora_reference(xr, w.float(), ar, br, 1.5).square().sum().backward()
+        for got, want, what in ((x.grad, xr.grad, "dx"), (a.grad, ar.grad, "dA"), (b.grad, br.grad, "dB")):
+            close(got, want, dtype, what)
+        assert len(launches) == 6  # forward and the input gradient ran on TMA
+        odd, w33 = torch.randn(5, 33).to(dtype), torch.randn(33, 8).to(dtype)  # rows of 33: not 16-byte multiples
+        assert not mm.tma_compatible(odd, w33)
+        close(lowrank_matmul(odd, w33), odd.float() @ w33.float(), dtype, "fallback to the pointer kernel")
+        assert len(launches) == 6
+    finally:
+        set_matmul_backend("auto")
