@@ -17,7 +17,7 @@ import torch
 # First match wins; names are lower-cased kernel names as the profiler reports them. Triton kernels (ours, Liger's)
 # are plain identifiers; PyTorch's own kernels are C++ names with "::" and template arguments.
 KINDS: list[tuple[str, tuple[str, ...]]] = [
-    ("lowrank-triton", ("_lowrank_matmul_kernel",)),
+    ("lowrank-triton", ("_lowrank_matmul", "_dual_lowrank")),
     ("attention", ("flash", "fmha", "attention", "sdpa")),
     ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "splitk", "cublas", "aten::mm", "aten::addmm", "matmul")),
     ("triton", ()),

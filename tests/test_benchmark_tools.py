@@ -20,6 +20,8 @@ from record_results import memory_budget_gib  # noqa: E402
     ("name", "kind"),
     [
         ("_lowrank_matmul_kernel", "lowrank-triton"),
+        ("_lowrank_matmul_tma_kernel", "lowrank-triton"),
+        ("_dual_lowrank_kernel", "lowrank-triton"),
         ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_execute_kernel__5x_cublas", "gemm"),
         ("nvjet_tst_128x256_64x4_1x2_h_bz_coopB_TNN", "gemm"),
         ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>", "attention"),
