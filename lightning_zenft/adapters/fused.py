@@ -37,7 +37,7 @@ from torch import nn
 
 from lightning_zenft.adapters._fused_weights import base_weight, compute_dtype, kernel_weight
 from lightning_zenft.adapters.dora import DoRALinear
-from lightning_zenft.adapters.fused_dora import FusedDoRALinear, dora_unfusable_reason
+from lightning_zenft.adapters.fused_dora import FusedDoRALinear
 from lightning_zenft.adapters.lora import LoRALinear
 from lightning_zenft.kernels.glu import GLU_ACTIVATIONS, activation_reference, glu
 from lightning_zenft.kernels.lora import LoRAProjection, fused_lora_group
@@ -51,11 +51,7 @@ def unfusable_reason(layer: nn.Module) -> str | None:
     """Why ``layer`` cannot run the fused LoRA kernel, or None when it can."""
     if not isinstance(layer, LoRALinear):
         return f"{type(layer).__name__} is not a LoRALinear"
-    if type(layer) in (DoRALinear, FusedDoRALinear):
-        why = dora_unfusable_reason(layer)
-        if why is not None:
-            return why
-    elif type(layer) not in (LoRALinear, FusedLoRALinear):
+    if type(layer) not in (LoRALinear, FusedLoRALinear, DoRALinear, FusedDoRALinear):
         return f"{type(layer).__name__} has its own forward (the fused kernels compute LoRA and DoRA only)"
     if not isinstance(layer.lora_dropout, (nn.Identity, nn.Dropout)):
         return f"its lora_dropout is a {type(layer.lora_dropout).__name__}, not nn.Dropout"

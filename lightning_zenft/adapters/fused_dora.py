@@ -1,8 +1,8 @@
 """DoRA layers on the fused kernel: a :class:`~lightning_zenft.adapters.DoRALinear` whose forward is
 :func:`~lightning_zenft.kernels.fused_dora`, made by swapping the class (same object, parameters and state_dict).
 
-Only DoRA without dropout is fused: with dropout, DoRA needs the base product of both the input and the dropped-out
-input, and the layer keeps its own forward (:func:`~lightning_zenft.adapters.fused.fuse_lora_layers` says so).
+With dropout, DoRA needs a second base product (of the input's dropped-out part), as in HF PEFT; the fused function
+regenerates the mask in backward from a seed instead of keeping it.
 
 Example::
 
@@ -29,17 +29,6 @@ class FusedDoRALinear(DoRALinear):
         dtype = compute_dtype(x)
         weight = kernel_weight(self.base_layer, dtype)
         bias = getattr(self.base_layer, "bias", None)
-        return fused_dora(
-            x.to(dtype), weight, self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector, self.scaling, bias
-        )
-
-
-def dora_unfusable_reason(layer: DoRALinear) -> str | None:
-    """Why a DoRA layer keeps its own forward, or None when it can be fused."""
-    dropout = layer.lora_dropout
-    if isinstance(dropout, nn.Identity) or (isinstance(dropout, nn.Dropout) and dropout.p == 0):
-        return None
-    return (
-        "it is a DoRA layer with dropout, which needs the base product of both the input and the dropped-out input "
-        "(the fused DoRA kernel takes dropout 0)"
-    )
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        a, b, m = self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector
+        return fused_dora(x.to(dtype), weight, a, b, m, self.scaling, bias, dropout=p, training=self.training)

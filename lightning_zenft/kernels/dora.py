@@ -18,8 +18,12 @@ and ``dz`` goes through the LoRA backward (:func:`~lightning_zenft.kernels.lora.
 in fp32: one skinny product over ``W`` (``W A^T``, ``out x r``) and ``||W||_row^2``, which is computed once per base
 weight and cached (a frozen weight does not change; a new tensor or an in-place change is noticed). Saved for
 backward: ``x`` (for ``dA``), ``x A^T``, ``z`` (for ``dm``: one ``M x out`` tensor, what eager DoRA keeps too) and
-``g``. Dropout is not supported here: DoRA with dropout needs the base product of both the input and the dropped-out
-input, which the fused layer leaves to the unfused forward.
+``g``.
+
+With dropout (mask ``D``), DoRA as HF PEFT defines it is ``y = W x + b + (g - 1) W D x + g s B A D x``
+``= W (x - D x) + g z_D + b`` with ``z_D`` the LoRA product of ``D x``: a second base product, of ``x - D x``, which
+any DoRA with dropout pays. Its backward is ``dx = (1 - D)(dy W) + D\, d(Dx)``; the mask is regenerated from a seed,
+never saved.
 
 Example::
 
@@ -28,6 +32,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 import weakref
 from typing import Any
 
@@ -39,9 +44,11 @@ from lightning_zenft.kernels.lora import (
     WeightLike,
     check_projections,
     dense_of,
+    dropout_mask,
     project_backward,
     project_forward,
 )
+from lightning_zenft.kernels.matmul import lowrank_matmul
 
 _ROW_NORM_CACHE: dict[int, tuple[weakref.ReferenceType, int, torch.Tensor]] = {}
 
@@ -76,7 +83,10 @@ def dora_row_norm(
 
 
 class DoRAFunction(torch.autograd.Function):
-    """Autograd function of :func:`fused_dora`; inputs ``(x, plan, weight, bias, lora_a, lora_b, magnitude, norm)``."""
+    """Autograd function of :func:`fused_dora`; inputs ``(x, plan, weight, bias, lora_a, lora_b, magnitude, norm)``.
+
+    ``plan`` carries the dropout probability and seed (see the module docstring for the dropout case).
+    """
 
     @staticmethod
     def forward(
@@ -91,15 +101,20 @@ class DoRAFunction(torch.autograd.Function):
         norm: torch.Tensor,
     ) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            (z,), (xa,) = project_forward(x, plan, [weight], [None], [lora_a], [lora_b])  # (M, N), (M, r)
+            mask = _mask(plan, x)  # (M, K) dropout multiplier, or None
+            xd = x if mask is None else x * mask
+            (z,), (xa,) = project_forward(xd, _no_dropout(plan), [weight], [None], [lora_a], [lora_b])  # (M, N), (M, r)
             gain = magnitude.float() / norm  # (N,)
             y = z * gain.to(z.dtype)
             if bias is not None:
                 y = y + bias.to(y.dtype)
+            if mask is not None:  # the base product of the kept-out part: W (x - D x)
+                w = weight if weight is not None else plan.frozen[0].dense()
+                y = lowrank_matmul(x - xd, w.t(), c0=y)
         ctx.plan = plan
         ctx.x_shape = tuple(x.shape)
         ctx.magnitude_dtype = magnitude.dtype
-        keep_x = ctx.needs_input_grad[4]
+        keep_x = ctx.needs_input_grad[4] or mask is not None
         ctx.save_for_backward(x if keep_x else None, weight, lora_a, lora_b, xa, z, gain, norm)
         return y
 
@@ -107,14 +122,16 @@ class DoRAFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, lora_a, lora_b, xa, z, gain, norm = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        plan: ProjectionPlan = ctx.plan
         with torch.autocast(device_type=dy.device.type, enabled=False):
             dy = dy.contiguous()  # (M, N)
+            mask = None if x is None else _mask(plan, x)
             grad_m = (dy * z).sum(0, dtype=torch.float32).div_(norm) if needs[6] else None  # (N,)
             grad_bias = dy.sum(0) if needs[3] else None
             dz = dy * gain.to(dy.dtype)  # (M, N)
             grad_x, (grad_a,), (grad_b,), _ = project_backward(
-                x,
-                ctx.plan,
+                x if mask is None else x * mask,
+                _no_dropout(plan),
                 [weight],
                 [lora_a],
                 [lora_b],
@@ -126,9 +143,31 @@ class DoRAFunction(torch.autograd.Function):
                 need_bias=[False],
                 x_shape=ctx.x_shape,
             )
+            if mask is not None and grad_x is not None:  # dx = (1 - D) (dy W) + D d(Dx)
+                w = weight if weight is not None else plan.frozen[0].dense()
+                grad_base = lowrank_matmul(dy, w)  # (M, K)
+                grad_x = grad_base.add_(grad_x.sub_(grad_base).mul_(mask))
         if grad_m is not None:
             grad_m = grad_m.to(ctx.magnitude_dtype)
         return grad_x, None, None, grad_bias, grad_a, grad_b, grad_m, None
+
+
+def _mask(plan: ProjectionPlan, x: torch.Tensor) -> torch.Tensor | None:
+    if not plan.dropped:
+        return None
+    return dropout_mask(x.shape, plan.dropouts[0], plan.seeds[0], x.device, x.dtype)
+
+
+def _no_dropout(plan: ProjectionPlan) -> ProjectionPlan:
+    """The same plan with dropout off: the fused DoRA applies its mask itself, to the base product too."""
+    if not plan.dropped:
+        return plan
+    plain = copy.copy(plan)
+    plain.dropouts = [0.0] * len(plan.dropouts)
+    plain.seeds = [None] * len(plan.seeds)
+    plain.shared = list(range(len(plan.dropouts)))
+    plain.dropped = []
+    return plain
 
 
 def fused_dora(
@@ -139,25 +178,32 @@ def fused_dora(
     magnitude: torch.Tensor,
     scaling: float,
     bias: torch.Tensor | None = None,
+    *,
+    dropout: float = 0.0,
+    training: bool = True,
 ) -> torch.Tensor:
-    """``(m / ||W + s B A||_row) * (x W^T + s x A^T B^T) + b`` with the norm constant in backward (DoRA, no dropout).
+    """DoRA: ``W x + b + (g - 1) W D x + g s B A D x`` with ``g = m / ||W + s B A||_row`` constant in backward.
+
+    ``D`` is the dropout mask (identity when ``dropout`` is 0 or not ``training``); without dropout this is
+    ``g (W x + s B A x) + b``. The same numerics as :class:`~lightning_zenft.adapters.DoRALinear` and HF PEFT.
 
     Args:
         x: input ``(..., in)``.
         weight: the frozen base weight ``(out, in)`` or a :class:`~lightning_zenft.kernels.lora.FrozenWeight`.
         lora_a: ``(r, in)``. lora_b: ``(out, r)``. magnitude: ``m``, ``(out,)``. scaling: ``s``.
         bias: ``(out,)`` or None.
+        dropout: dropout probability on the adapter's input (only when ``training``); it costs a second base product.
 
     Example::
 
         y = fused_dora(x, w, layer.lora_A.weight, layer.lora_B.weight, layer.lora_magnitude_vector, layer.scaling)
     """
-    projection = LoRAProjection(weight, bias, lora_a, lora_b, scaling)
+    projection = LoRAProjection(weight, bias, lora_a, lora_b, scaling, dropout)
     check_projections(x, [projection])
     if tuple(magnitude.shape) != (weight.shape[0],):
         shape, out = tuple(magnitude.shape), weight.shape[0]
         raise ValueError(f"magnitude has shape {shape}; expected ({out},), one value per output.")
-    plan = ProjectionPlan([projection], training=False)  # no dropout in the fused DoRA
+    plan = ProjectionPlan([projection], training)
     dense = dense_of(weight)
     norm = dora_row_norm(weight, lora_a, lora_b, scaling, dense)  # (out,), fp32, constant
     w = weight if isinstance(weight, torch.Tensor) else None

@@ -114,3 +114,40 @@ def test_fused_dora_on_an_nf4_base(backend: str) -> None:
 def test_fused_dora_rejects_a_wrong_magnitude() -> None:
     with pytest.raises(ValueError, match=r"magnitude has shape \(5,\); expected \(6,\)"):
         fused_dora(torch.randn(2, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2), torch.ones(5), 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_dora_with_dropout_matches_plain_dora(backend: str, dtype: torch.dtype) -> None:
+    """``W x + b + (g - 1) W D x + g s B A D x`` (DoRALinear's and PEFT's DoRA with dropout), the mask regenerated in
+    backward from the same seed; eval mode turns dropout off."""
+    from lightning_zenft.kernels import LoRAProjection, dropout_mask
+    from lightning_zenft.kernels.lora import ProjectionPlan
+
+    torch.manual_seed(4)
+    m_tok, k, n, r, s, p = 11, 24, 19, 3, 1.3, 0.4
+    x = torch.randn(m_tok, k).to(dtype).requires_grad_()
+    w = torch.randn(n, k).to(dtype)
+    a = (torch.randn(r, k) * 0.3).to(dtype).requires_grad_()
+    b = (torch.randn(n, r) * 0.3).to(dtype).requires_grad_()
+    mag = (torch.rand(n) + 0.5).to(dtype).requires_grad_()
+    bias = torch.randn(n).to(dtype).requires_grad_()
+    state = torch.get_rng_state()
+    y = fused_dora(x, w, a, b, mag, s, bias, dropout=p)
+    torch.set_rng_state(state)
+    seed = ProjectionPlan([LoRAProjection(w, bias, a, b, s, p)], training=True).seeds[0]
+    mask = dropout_mask(x.shape, p, seed, x.device, dtype).float()
+    assert 0 < (mask == 0).sum() < mask.numel()
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    refs = [t.detach().float().requires_grad_() for t in (x, a, b, mag, bias)]
+    xr, ar, br, mr, biasr = refs
+    wf = w.float()
+    gain = mr / torch.linalg.norm(wf + s * (br @ ar), dim=1).detach()
+    xd = xr * mask
+    yr = F.linear(xr, wf, biasr) + (gain - 1) * F.linear(xd, wf) + gain * s * F.linear(F.linear(xd, ar), br)
+    yr.backward(dy.float())
+    close(y, yr, dtype, "forward")
+    for name, got, want in zip(["dx", "dA", "dB", "dm", "dbias"], (x, a, b, mag, bias), refs, strict=True):
+        close(got.grad, want.grad, dtype, name)
+    evaluated = fused_dora(x, w, a, b, mag, s, bias, dropout=p, training=False)
+    close(evaluated, reference(xr, wf, ar, br, mr, s, biasr), dtype, "eval: no dropout")

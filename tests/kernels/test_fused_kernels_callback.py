@@ -158,14 +158,15 @@ def test_fallbacks_are_named_in_warnings() -> None:
     mlp = model.model.layers[0].mlp
     mlp.down_proj = mlp.down_proj.base_layer  # this MLP can no longer be fused whole
     attn = model.model.layers[1].self_attn
-    attn.q_proj = DoRALinear(attn.q_proj.base_layer, r=2, alpha=4, dropout=0.1)
+    attn.q_proj.lora_dropout = nn.AlphaDropout(0.1)  # not a dropout the kernels can regenerate
+    attn.k_proj = DoRALinear(attn.k_proj.base_layer, r=2, alpha=4, dropout=0.1)  # fused, dropout and all
     with pytest.warns(UserWarning) as record:
         report = fuse_lora_layers(model)
     text = "\n".join(str(w.message) for w in record)
-    assert "model.layers.1.self_attn.q_proj keeps the unfused LoRA forward: it is a DoRA layer with dropout" in text
+    assert "model.layers.1.self_attn.q_proj keeps the unfused LoRA forward: its lora_dropout is a AlphaDropout" in text
     assert "model.layers.0.mlp is a gated MLP but is not fused" in text and "down_proj" in text
     assert report.mlps == ["model.layers.1.mlp"]
-    assert type(attn.q_proj) is DoRALinear
+    assert type(attn.q_proj) is LoRALinear and "model.layers.1.self_attn.k_proj" in report.layers
 
 
 def test_dora_model_fused_matches_unfused() -> None:

@@ -607,3 +607,29 @@ def test_fit_that_raises_leaves_the_model_unfused(tmp_path: object) -> None:
         make_trainer(tmp_path, [LoRA(r=4), FusedKernels()], max_steps=4).fit(module)
     assert not any(isinstance(m, FusedLoRALinear) for m in module.modules())
     assert not any("forward" in m.__dict__ for m in module.modules())
+
+
+def test_dora_with_dropout_fused_matches_unfused_with_the_same_masks(
+    pin_seeds: Callable[[nn.Module, nn.Module], None],
+) -> None:
+    """DoRA on every projection with dropout: each layer runs the fused DoRA function (a second base product for the
+    dropped-out part), with the unfused DoRALinear's loss and every gradient, magnitude included."""
+    from lightning_zenft.adapters import DoRALinear
+    from lightning_zenft.adapters.fused_dora import FusedDoRALinear
+
+    model = no_model_dropout(adapted("llama", use_dora=True, dropout=0.2)).train()
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_magnitude_vector.mul_(1.0 + 0.3 * torch.rand_like(layer.lora_magnitude_vector))
+    assert all(isinstance(layer, DoRALinear) for _, layer in lora_layers(model))
+    ids = token_batch(2, 12)
+    with pytest.warns(UserWarning, match="DoRA layers, which run the fused DoRA kernel one by one"):
+        fused, report = fused_copy(model, ids)
+    pin_seeds(fused, model)
+    assert len(report.layers) == len(lora_layers(model))
+    assert all(isinstance(layer, FusedDoRALinear) for _, layer in lora_layers(fused))
+    want_loss, want = loss_and_grads(model, ids)
+    got_loss, got = loss_and_grads(fused, ids)
+    torch.testing.assert_close(got_loss, want_loss, rtol=0, atol=2e-6)
+    assert_same_grads(got, want)
+    assert any("lora_magnitude_vector" in name for name in got)
