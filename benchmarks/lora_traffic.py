@@ -120,6 +120,37 @@ def matmul_ops(ops: list[Op]) -> list[Op]:
     return [op for op in ops if op[0] in MATMULS or op[2] < 4 * 2**20]
 
 
+def dora_report(k: int, n: int, m: int, r: int, peak: float, bw: float) -> None:
+    """One DoRA projection: eager (``DoRALinear``, HF PEFT's numerics and operations) against ``fused_dora``."""
+    from lightning_zenft.adapters import DoRALinear
+    from lightning_zenft.kernels import fused_dora
+
+    dtype = torch.bfloat16
+    with FakeTensorMode():
+        layer = DoRALinear(torch.nn.Linear(k, n, bias=False, dtype=dtype), r=r, alpha=2 * r)
+        layer.base_layer.weight.requires_grad_(False)
+        t = dict(x=torch.empty(m, k, dtype=dtype).requires_grad_(), dy=torch.empty(m, n, dtype=dtype))
+        t |= {n_: p for n_, p in layer.named_parameters() if p.requires_grad}
+
+        def eager(_: dict) -> None:
+            layer(t["x"]).backward(t["dy"])
+
+        def fused(_: dict) -> None:
+            w, a, b = layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight
+            fused_dora(t["x"], w, a, b, layer.lora_magnitude_vector, layer.scaling).backward(t["dy"])
+
+        def base(_: dict) -> None:
+            F.linear(t["x"], layer.base_layer.weight).backward(t["dy"])
+
+        results = {name: count(fn, t) for name, fn in (("base", base), ("eager DoRA", eager), ("fused DoRA", fused))}
+    base_us = roofline_us(results["base"], peak, bw)
+    for name, ops in results.items():
+        us = roofline_us(ops, peak, bw)
+        flops, nbytes = sum(o[1] for o in ops), sum(o[2] for o in ops)
+        print(f"| {k} -> {n} | {name} | {len(ops)} | {flops / 1e9:,.0f} | {nbytes / 1e9:.2f} | {us:,.0f} | "
+              f"{100 * (us / base_us - 1):+.1f}% |")  # fmt: skip
+
+
 LAYERS = {"1b": (2048, 5632, 256), "8b": (4096, 14336, 1024)}  # hidden, intermediate, k/v width
 
 
@@ -180,6 +211,7 @@ def main() -> None:
     parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="memory bandwidth (H100 SXM: 3.35 TB/s)")
     parser.add_argument("--ops", action="store_true", help="list the fused path's operations")
     parser.add_argument("--layer", choices=sorted(LAYERS), help="also one whole decoder layer of this model shape")
+    parser.add_argument("--dora", action="store_true", help="also DoRA: eager (PEFT's operations) against fused")
     args = parser.parse_args()
     peak, bw = args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12
     set_matmul_backend("torch")
@@ -219,6 +251,13 @@ def main() -> None:
                 mark = " [epilogue]" if is_epilogue(op, r) else ""
                 t = max(op[1] / peak, op[2] / bw) * 1e6
                 print(f"    {op[0]:<10} {op[3]:<34} {op[1] / 1e9:8.1f} GFLOP {op[2] / 1e6:9.1f} MB {t:8.1f} us{mark}")
+    if args.dora:
+        print(f"\nDoRA projection forward + backward, {m} tokens, r={r}, bf16, no dropout")
+        print("| in -> out | path | ops | GFLOP | GB moved | roofline us | over base |")
+        print("|---|---|---|---|---|---|---|")
+        for shape in args.shapes.split(","):
+            k, n = (int(v) for v in shape.split("x"))
+            dora_report(k, n, m, r, peak, bw)
     if args.layer:
         layer_report(args.layer, m, r, peak, bw)
     set_matmul_backend("auto")
