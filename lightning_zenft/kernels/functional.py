@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
+from lightning_zenft.kernels.dora import fused_dora
 from lightning_zenft.kernels.glu import GLUActivation, glu
 from lightning_zenft.kernels.lora import LoRAProjection, WeightLike, fused_lora, fused_lora_group
 from lightning_zenft.kernels.mlp import fused_lora_mlp
@@ -60,9 +61,25 @@ def lora_mlp(
     down: LoRAProjection,
     act: GLUActivation = "silu",
     training: bool = True,
+    recompute_hidden: bool = False,
 ) -> torch.Tensor:
     """:func:`~lightning_zenft.kernels.mlp.fused_lora_mlp`."""
-    return fused_lora_mlp(x, gate, up, down, act, training)
+    return fused_lora_mlp(x, gate, up, down, act, training, recompute_hidden)
+
+
+def dora(
+    x: torch.Tensor,
+    weight: WeightLike,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    training: bool = True,
+) -> torch.Tensor:
+    """:func:`~lightning_zenft.kernels.dora.fused_dora`."""
+    return fused_dora(x, weight, lora_a, lora_b, magnitude, scaling, bias, dropout=dropout, training=training)
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

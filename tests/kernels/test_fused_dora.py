@@ -151,3 +151,17 @@ def test_fused_dora_with_dropout_matches_plain_dora(backend: str, dtype: torch.d
         close(got.grad, want.grad, dtype, name)
     evaluated = fused_dora(x, w, a, b, mag, s, bias, dropout=p, training=False)
     close(evaluated, reference(xr, wf, ar, br, mr, s, biasr), dtype, "eval: no dropout")
+
+
+def test_functional_dora_passes_every_argument_through() -> None:
+    from lightning_zenft.kernels import functional as ZF
+
+    torch.manual_seed(5)
+    x, w, a, b = torch.randn(4, 12), torch.randn(6, 12), torch.randn(2, 12), torch.randn(6, 2)
+    mag, bias = torch.rand(6) + 0.5, torch.randn(6)
+    torch.testing.assert_close(ZF.dora(x, w, a, b, mag, 0.7, bias), reference(x, w, a, b, mag, 0.7, bias))
+    # dropout in training changes the output; the same call in eval does not
+    assert not torch.allclose(ZF.dora(x, w, a, b, mag, 0.7, bias, dropout=0.5), reference(x, w, a, b, mag, 0.7, bias))
+    torch.testing.assert_close(
+        ZF.dora(x, w, a, b, mag, 0.7, bias, dropout=0.5, training=False), reference(x, w, a, b, mag, 0.7, bias)
+    )
