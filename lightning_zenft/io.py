@@ -94,8 +94,11 @@ def save_adapter(model: nn.Module, save_directory: str | Path, base_model_name_o
             f"{type(model).__name__} holds no adapter layers to save. Add the LoRA callback to the Trainer (or call "
             "lightning_zenft.inject_adapters) before saving, and pass the model the adapters were injected into."
         )
-    kinds = {type(layer) for _, layer in layers}
-    if not kinds <= {LoRALinear, DoRALinear} or len(kinds) > 1:
+    unknown = sorted({type(layer).__name__ for _, layer in layers if not isinstance(layer, LoRALinear)})
+    if unknown:
+        raise ValueError(f"PEFT's LoRA format holds LoRA and DoRA layers; this model also has {unknown}.")
+    kinds = {DoRALinear if isinstance(layer, DoRALinear) else LoRALinear for _, layer in layers}  # fused ones too
+    if len(kinds) > 1:
         raise ValueError(f"one adapter file holds one method; this model mixes {sorted(k.__name__ for k in kinds)}.")
     rslora = {layer.use_rslora for _, layer in layers}
     if len(rslora) > 1:

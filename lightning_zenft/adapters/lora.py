@@ -103,6 +103,12 @@ class LoRALinear(nn.Module):
         """The base layer's bias (or None), as :attr:`weight`."""
         return getattr(self.base_layer, "bias", None)
 
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            setattr(self.base_layer, name, value)  # e.g. transformers' tie_weights re-tying a LoRA output head
+            return
+        super().__setattr__(name, value)
+
     # ------------------------------------------------------------------ protocol
     def adapter_params(self) -> list[str]:
         return ["lora_A.weight", "lora_B.weight"]

@@ -262,13 +262,14 @@ def _lowrank_matmul_tma_kernel(
 
 
 def tma_compatible(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether TMA can fetch ``x (M, K)`` and ``w (K, N)`` (or its transpose): unit last stride, 16-byte rows."""
+    """Whether TMA can fetch ``x (M, K)`` and ``w (K, N)`` (or its transpose): non-empty, unit last stride, 16-byte
+    aligned rows and base."""
 
     def ok(t: torch.Tensor) -> bool:
         size = t.element_size()
         return t.stride(1) == 1 and (t.stride(0) * size) % 16 == 0 and t.data_ptr() % 16 == 0
 
-    return ok(x) and (ok(w) or ok(w.t()))
+    return x.numel() > 0 and w.numel() > 0 and ok(x) and (ok(w) or ok(w.t()))
 
 
 def lowrank_matmul_triton(

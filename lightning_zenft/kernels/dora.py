@@ -15,8 +15,8 @@ and ``dz`` goes through the LoRA backward (:func:`~lightning_zenft.kernels.lora.
 .. math::  n^2 = \lVert W \rVert_{row}^2 + 2 s\, \mathrm{rowsum}\big(B \odot (W A^T)\big)
                  + s^2\, \mathrm{rowsum}\big((B A A^T) \odot B\big)
 
-in fp32: one skinny product over ``W`` (``W A^T``, ``out x r``) and ``||W||_row^2``, which is computed once per base
-weight and cached (a frozen weight does not change; a new tensor or an in-place change is noticed). Saved for
+in fp32 (fp64 for fp64 weights): one skinny product over ``W`` (``W A^T``, ``out x r``) and ``||W||_row^2``, each
+step (a cache of ``||W||`` cannot see every way a weight changes, e.g. through ``.data``). Saved for
 backward: ``x`` (for ``dA``), ``x A^T``, ``z`` (for ``dm``: one ``M x out`` tensor, what eager DoRA keeps too) and
 ``g``.
 
@@ -33,7 +33,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import weakref
 from typing import Any
 
 import torch
@@ -50,20 +49,10 @@ from lightning_zenft.kernels.lora import (
 )
 from lightning_zenft.kernels.matmul import lowrank_matmul
 
-_ROW_NORM_CACHE: dict[int, tuple[weakref.ReferenceType, int, torch.Tensor]] = {}
 
-
-def _weight_row_norm_sq(weight: WeightLike, dense: torch.Tensor) -> torch.Tensor:
-    """``||W||_row^2`` in fp32 (``(out,)``); cached for a dense frozen weight until it changes or is freed."""
-    if not isinstance(weight, torch.Tensor):  # dequantized on the fly: the dense copy is a reused buffer
-        return torch.linalg.vector_norm(dense, dim=1, dtype=torch.float32).square()
-    key = id(weight)
-    hit = _ROW_NORM_CACHE.get(key)
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
-        return hit[2]
-    norm_sq = torch.linalg.vector_norm(dense, dim=1, dtype=torch.float32).square()  # (out,)
-    _ROW_NORM_CACHE[key] = (weakref.ref(weight, lambda _: _ROW_NORM_CACHE.pop(key, None)), weight._version, norm_sq)
-    return norm_sq
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16- and 32-bit inputs, fp64 for fp64 ones: the precision of the norm and the gain."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dora_row_norm(
@@ -72,14 +61,15 @@ def dora_row_norm(
     """``||W + s B A||`` per output row, fp32, without building ``W + s B A`` (see the module docstring)."""
     with torch.no_grad():
         w = dense_of(weight) if dense is None else dense  # (out, in)
+        wide = _wide(w.dtype)
         a = lora_a.to(w.dtype)
-        b = lora_b.float()
-        wa = (w @ a.t()).float()  # (out, r)
-        aat = lora_a.float() @ lora_a.float().t()  # (r, r)
+        b = lora_b.to(wide)
+        wa = (w @ a.t()).to(wide)  # (out, r)
+        aat = lora_a.to(wide) @ lora_a.to(wide).t()  # (r, r)
         cross = (b * wa).sum(1)  # (out,)
         own = ((b @ aat) * b).sum(1)  # (out,)
-        norm_sq = _weight_row_norm_sq(weight, w) + 2.0 * scaling * cross + scaling * scaling * own
-        return norm_sq.clamp_min(0.0).sqrt()
+        w_sq = torch.linalg.vector_norm(w, dim=1, dtype=wide).square()  # (out,), read with W A^T's pass over W
+        return (w_sq + 2.0 * scaling * cross + scaling * scaling * own).clamp_min(0.0).sqrt()
 
 
 class DoRAFunction(torch.autograd.Function):
@@ -104,7 +94,7 @@ class DoRAFunction(torch.autograd.Function):
             mask = _mask(plan, x)  # (M, K) dropout multiplier, or None
             xd = x if mask is None else x * mask
             (z,), (xa,) = project_forward(xd, _no_dropout(plan), [weight], [None], [lora_a], [lora_b])  # (M, N), (M, r)
-            gain = magnitude.float() / norm  # (N,)
+            gain = magnitude.to(norm.dtype) / norm  # (N,)
             y = z * gain.to(z.dtype)
             if bias is not None:
                 y = y + bias.to(y.dtype)
@@ -126,7 +116,7 @@ class DoRAFunction(torch.autograd.Function):
         with torch.autocast(device_type=dy.device.type, enabled=False):
             dy = dy.contiguous()  # (M, N)
             mask = None if x is None else _mask(plan, x)
-            grad_m = (dy * z).sum(0, dtype=torch.float32).div_(norm) if needs[6] else None  # (N,)
+            grad_m = (dy * z).sum(0, dtype=norm.dtype).div_(norm) if needs[6] else None  # (N,)
             grad_bias = dy.sum(0) if needs[3] else None
             dz = dy * gain.to(dy.dtype)  # (M, N)
             grad_x, (grad_a,), (grad_b,), _ = project_backward(

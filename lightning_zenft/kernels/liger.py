@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_zenft.adapters.dora import DoRALinear
 from lightning_zenft.adapters.lora import LoRALinear
 
 
@@ -281,7 +282,11 @@ def apply_liger(
         for name, lm in lms:
             if "forward" in lm.__dict__:
                 continue
-            if _flce_matches(lm):
+            if isinstance(lm.get_output_embeddings(), DoRALinear):
+                patches.skipped[f"fused_linear_cross_entropy:{name}"] = (
+                    "its output head is a DoRA layer, whose magnitude the fused cross-entropy does not apply"
+                )
+            elif _flce_matches(lm):
                 lm.forward = _FusedLinearCEForward(lm)
                 patches.forwards.append((lm, f"fused_linear_cross_entropy:{name}"))
             else:

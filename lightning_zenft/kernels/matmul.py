@@ -149,15 +149,18 @@ def _choose(
     if _BACKEND == "triton" or interpret_mode():
         return "triton"
     r = 0 if p is None else p.shape[1]
-    layout = (x.stride(1) == 1, w.stride(1) == 1)
+    tma_ok = _tma_eligible(x, w)
+    layout = (x.stride(1) == 1, w.stride(1) == 1, tma_ok)  # a choice of TMA holds only for operands TMA can read
     key = ("mm", _bucket(x.shape[0]), tuple(w.shape), layout, r, x.dtype, bias is not None, c0 is not None,
            x.device.index)  # fmt: skip
+    if key in _CHOICE:
+        return _CHOICE[key]
     scratch = None if c0 is None else c0.clone()  # the torch path accumulates in place: time it on a copy
     candidates = {
         "torch": lambda: _torch_path(x, w, p, q, bias, scratch),  # no re-copy inside the timing: values do not matter
         "triton": lambda: _triton_path(x, w, p, q, bias, c0),
     }
-    if _tma_eligible(x, w):
+    if tma_ok:
         candidates["tma"] = lambda: _triton_path(x, w, p, q, bias, c0, tma=True)
     return _fastest(key, candidates)
 

@@ -57,7 +57,7 @@ def test_row_norm_without_building_the_adapted_weight() -> None:
     want = torch.linalg.norm(w + 0.7 * (b.double() @ a.double()), dim=1)
     got = dora_row_norm(w.float(), a, b, 0.7)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
-    # the cached ||W|| follows an in-place change of the frozen weight
+    # an in-place change of the frozen weight is seen at once (nothing is cached)
     wf = w.float()
     dora_row_norm(wf, a, b, 0.7)
     wf.mul_(2.0)
