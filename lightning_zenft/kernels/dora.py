@@ -97,7 +97,7 @@ class DoRAFunction(torch.autograd.Function):
             gain = magnitude.to(norm.dtype) / norm  # (N,)
             y = z * gain.to(z.dtype)
             if bias is not None:
-                y = y + bias.to(y.dtype)
+                y.add_(bias.to(y.dtype))  # in place: y is a fresh tensor, z stays as saved
             if mask is not None:  # the base product of the kept-out part: W (x - D x)
                 w = weight if weight is not None else plan.frozen[0].dense()
                 y = lowrank_matmul(x - xd, w.t(), c0=y)
