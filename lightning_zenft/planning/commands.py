@@ -158,6 +158,10 @@ def _estimate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lora-dropout", type=float, default=None, help="adapter dropout (default 0.0)")
     parser.add_argument("--device", choices=list(get_args(Device)), default="cuda",
                         help="where training runs (sets the dropout mask size; default cuda)")  # fmt: skip
+    parser.add_argument("--fused-kernels", action="store_true",
+                        help="the adapters run FusedKernels: no dropout copies, a leaner fused MLP")  # fmt: skip
+    parser.add_argument("--mlp-recompute", action="store_true",
+                        help="with --fused-kernels: the fused MLP recomputes act(gate)*up")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the breakdown in bytes as one JSON object")
     return parser
 
@@ -174,6 +178,10 @@ def estimate_main(argv: list[str]) -> int:
     if isinstance(args, int):
         return args
     adapter_flags = {"--rank": args.rank, "--target-modules": args.target_modules, "--lora-dropout": args.lora_dropout}
+    adapter_flags |= {"--fused-kernels": args.fused_kernels or None, "--mlp-recompute": args.mlp_recompute or None}
+    if args.mlp_recompute and not args.fused_kernels:
+        print("zenft estimate: error: --mlp-recompute needs --fused-kernels", file=sys.stderr)
+        return 2
     if args.method == "full":
         given = [flag for flag, value in adapter_flags.items() if value is not None]
         if given:
@@ -192,6 +200,8 @@ def estimate_main(argv: list[str]) -> int:
             target_modules="all-linear" if args.target_modules is None else args.target_modules,
             lora_dropout=0.0 if args.lora_dropout is None else args.lora_dropout,
             device=args.device,
+            fused_kernels=args.fused_kernels and args.method != "full",
+            mlp_recompute=args.mlp_recompute,
         )
     except ValueError as err:
         print(f"zenft estimate: error: {err}", file=sys.stderr)

@@ -192,8 +192,12 @@ def _layer_bytes(
     dropout: float,
     mask_bytes: int,
     live_in: bool,
+    fused: str | None = None,
 ) -> tuple[int, bool]:
-    """Saved bytes of one decoder layer and whether its output needs a gradient (see the module docstring)."""
+    """Saved bytes of one decoder layer and whether its output needs a gradient (see the module docstring).
+
+    ``fused``: None (eager adapter layers), ``"keep"`` or ``"recompute"`` (``FusedKernels`` with that MLP mode).
+    """
     bs, h, i = b * s, info.hidden_size, info.intermediate_size
     q_width, kv_width = info.num_heads * info.head_dim, info.num_kv_heads * info.head_dim
     shapes = info.linear_shapes()
@@ -205,9 +209,9 @@ def _layer_bytes(
         hit = [name for name in names if name in adapted]
         if not hit:
             return 0
-        if dropout > 0:
+        if dropout > 0 and fused is None:
             return len(hit) * (e + mask_bytes) * bs * width  # each adapter keeps its dropped copy and its mask
-        return e * bs * width
+        return e * bs * width  # fused kernels keep a seed, not a mask, and one input per group
 
     total = 0
     if live_in:
@@ -226,9 +230,13 @@ def _layer_bytes(
     up_live = mid_live or "up_proj" in adapted
     if gate_live:
         total += 2 * e * bs * i  # silu input, and the up output saved by the product
-    if up_live:
-        total += e * bs * i  # silu output saved by the product
-    total += saved_inputs(("down_proj",), i)
+    fused_mlp = fused is not None and {"gate_proj", "up_proj", "down_proj"} <= adapted
+    if up_live and not fused_mlp:
+        total += e * bs * i  # silu output saved by the product (the fused MLP recomputes it)
+    if fused_mlp and fused == "recompute":
+        pass  # act(gate) * up is recomputed in backward, not kept for down's adapter
+    else:
+        total += saved_inputs(("down_proj",), i)
     total += sum(e * bs * rank for name in shapes if name in adapted)
     return total, mid_live or gate_live or up_live or "down_proj" in adapted
 
@@ -246,6 +254,8 @@ def estimate_memory(
     target_modules: str | Sequence[str] = "all-linear",
     lora_dropout: float = 0.0,
     device: Device = "cuda",
+    fused_kernels: bool = False,
+    mlp_recompute: bool = False,
 ) -> MemoryEstimate:
     """Estimate per-GPU training memory (formulas in the module docstring).
 
@@ -264,6 +274,9 @@ def estimate_memory(
         lora_dropout: adapter dropout probability, which changes what the adapters save (LoRA/QLoRA only).
         device: where training runs; it only sets the dropout mask size (1 byte per element on CUDA, the
             activation dtype on CPU).
+        fused_kernels: the adapters run ``FusedKernels``' functions: no dropout copies or masks, and a gated MLP with
+            all three projections adapted keeps ``gate``, ``up`` and ``act(gate) * up`` but not ``act(gate)``.
+        mlp_recompute: with ``fused_kernels``, the fused MLP recomputes ``act(gate) * up`` instead of keeping it.
 
     Example::
 
@@ -322,7 +335,8 @@ def estimate_memory(
     live = full
     layer_sum, layer_max = 0, 0
     for _ in range(info.num_layers):
-        saved, live = _layer_bytes(info, b, s, e, full, targets, rank, lora_dropout, mask_bytes, live)
+        fused = None if full or not fused_kernels else ("recompute" if mlp_recompute else "keep")
+        saved, live = _layer_bytes(info, b, s, e, full, targets, rank, lora_dropout, mask_bytes, live, fused)
         layer_sum += saved
         layer_max = max(layer_max, saved)
     head = 0

@@ -181,3 +181,31 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="attn_proj"):
         resolve_target_modules(["q_proj", "attn_proj"])
     assert math.isclose(len(resolve_target_modules("all-linear")), 7)
+
+
+@pytest.mark.parametrize("key", ["gqa-fp32", "mha-tied-bf16"])
+@pytest.mark.parametrize(
+    ("targets", "dropout", "recompute"),
+    [(LINEAR_NAMES, 0.0, False), (LINEAR_NAMES, 0.1, False), (LINEAR_NAMES, 0.0, True), (("q_proj", "v_proj"), 0.1, 0)],
+    ids=["all-linear", "all-linear-dropout", "all-linear-recompute", "qv-dropout"],
+)
+def test_estimate_with_fused_kernels_matches_measured(tmp_path_factory, key, targets, dropout, recompute):
+    """``fused_kernels=True``: the bytes FusedKernels' functions save (one input per group, seeds instead of masks,
+    the fused MLP without act(gate)), against the same measurement."""
+    from lightning_zenft.adapters.fused import finalize_shared_inputs, fuse_lora_layers
+
+    directory, model, ids = build(tmp_path_factory, key)
+    add_low_rank(model, 4, targets, dropout)
+    fuse_lora_layers(model, warn=False, mlp_recompute=recompute)
+    with torch.no_grad():
+        model(input_ids=ids)  # the groups of layers reading one input form after a forward
+    finalize_shared_inputs(model)
+    measured = measure(model, ids)
+    _, batch, seq, dtype = SHAPES[key]
+    kwargs = dict(batch=batch, seq=seq, rank=4, precision="fp32" if dtype == torch.float32 else "bf16",
+                  target_modules=list(targets), lora_dropout=dropout, device="cpu")  # fmt: skip
+    est = estimate_memory(directory, "lora", fused_kernels=True, mlp_recompute=recompute, **kwargs)
+    assert rel_err(est.activations_bytes, measured["activations"]) < 0.02, (est.activations_bytes, measured)
+    eager = estimate_memory(directory, "lora", **kwargs)
+    if dropout or targets == LINEAR_NAMES:
+        assert est.activations_bytes < eager.activations_bytes  # what the fused functions do not keep

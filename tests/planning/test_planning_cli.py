@@ -72,6 +72,8 @@ def test_bad_model_says_what_is_accepted(tmp_path, capsys):
          dict(method="qlora", rank=8, gpus=2, checkpointing=True, optimizer="sgd")),
         (["--method", "lora", "--target-modules", "attention", "--lora-dropout", "0.1", "--precision", "fp32"],
          dict(method="lora", target_modules="attention", lora_dropout=0.1, precision="fp32")),
+        (["--method", "lora", "--lora-dropout", "0.1", "--fused-kernels", "--mlp-recompute"],
+         dict(method="lora", lora_dropout=0.1, fused_kernels=True, mlp_recompute=True)),
     ],
 )  # fmt: skip
 def test_estimate_json_matches_api(model_dir, capsys, argv, kwargs):
@@ -92,3 +94,5 @@ def test_estimate_text_and_unused_flag_note(capsys):
     assert f"{est.total_bytes / 1024**3:9.2f} GiB" in captured.out
     assert estimate_main(["--model", "7B", "--method", "dora"]) == 2
     assert "invalid choice: 'dora'" in capsys.readouterr().err
+    assert estimate_main(["--model", "7B", "--method", "lora", "--mlp-recompute"]) == 2
+    assert "--mlp-recompute needs --fused-kernels" in capsys.readouterr().err
