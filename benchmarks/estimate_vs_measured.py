@@ -54,8 +54,15 @@ def run_variant(config_kwargs: dict, variant: str, batch: int, seq: int, rank: i
         info = resolve_model(directory)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
-    if variant == "lora":
+    if variant in ("lora", "lora_fused"):
         add_adapters(model, rank)
+    if variant == "lora_fused":  # as FusedKernels runs it (groups form after one forward)
+        from lightning_zenft.adapters.fused import finalize_shared_inputs, fuse_lora_layers
+
+        fuse_lora_layers(model, warn=False)
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 8, dtype=torch.long, device=device))
+        finalize_shared_inputs(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     fused = {"fused": True} if device.type == "cuda" else {}
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, **fused)
@@ -90,6 +97,7 @@ def run_variant(config_kwargs: dict, variant: str, batch: int, seq: int, rank: i
         rank=rank,
         precision="bf16",
         device="cuda" if device.type == "cuda" else "cpu",
+        fused_kernels=variant == "lora_fused",
     )
     del model, optimizer, loss
     gc.collect()
@@ -113,7 +121,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="default 4 (2 with --tiny)")
     parser.add_argument("--seq", type=int, default=None, help="default 2048 (64 with --tiny)")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--variants", default="full,lora")
+    parser.add_argument("--variants", default="full,lora,lora_fused")
     parser.add_argument("--json", action="store_true", help="print one JSON object per variant")
     args = parser.parse_args()
     has_cuda = torch.cuda.is_available()
