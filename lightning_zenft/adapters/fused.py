@@ -255,7 +255,7 @@ def _mlp_candidate(module: nn.Module) -> tuple[str, list[tuple[str, str, str]]] 
         names = ", ".join(n for n, _ in linears)
         return f"not all of its projections ({names}) are LoRA layers"
     if any(isinstance(c, DoRALinear) for _, c in children):
-        return "its projections are DoRA layers, which run the fused DoRA kernel one by one"
+        return None  # DoRA layers each run the fused DoRA function: nothing falls back, nothing to warn about
     skipped = _other_parts(module, [c for _, c in linears], getattr(module, act[0]))
     if skipped:
         return f"it has other parts ({skipped}) that the fused MLP would skip"
