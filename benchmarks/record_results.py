@@ -102,6 +102,10 @@ def e2e(run: dict) -> None:
             memory = f", {ours['peak_gib'] / peft['peak_gib']:.2f}x memory" if peft.get("peak_gib") else ""
             print(f"Against HF PEFT: {ours['tok_s'] / peft['tok_s']:.2f}x tokens/s{memory}.")
         gap(ours, ceiling)
+        if ours.get("matmul_choices"):
+            print("\nBack ends `auto` chose (`lowrank_matmul`, `dual_lowrank`):\n")
+            for product, choice in sorted(ours["matmul_choices"].items()):
+                print(f"- {product}: {choice}")
     print()
 
 

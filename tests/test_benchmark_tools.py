@@ -57,8 +57,9 @@ def _record(tmp_path: Path, ours_tok: int, ours_peak: float) -> str:
     def mode(name: str, tok: int, peak: float) -> dict:
         return dict(mode=name, tok_s=tok, peak_gib=peak, n_train=1, loss=1.0, profile_by_kind={"gemm": 1000 / tok})
 
+    ours = mode("ours", ours_tok, ours_peak) | {"matmul_choices": {"mm M<=8192 w(2048, 5632) r=16 bfloat16": "tma"}}
     run = dict(device="gpu", torch="x", date="d", size="1b", quant="none", batch=4, seq=2048, results=[
-        mode("ours", ours_tok, ours_peak), mode("peft", 30_000, 27.8), mode("ceiling_liger", 90_000, 9.1),
+        ours, mode("peft", 30_000, 27.8), mode("ceiling_liger", 90_000, 9.1),
     ])  # fmt: skip
     (tmp_path / "e2e-1b.json").write_text(json.dumps(run))
     micro = [
@@ -77,6 +78,7 @@ def test_record_results_states_each_verdict(tmp_path: Path) -> None:
     assert "2.83x tokens/s" in out
     assert "<= 10%: MISSED" in out  # the micro row at +12%
     assert "| gemm |" in out  # the profile gap table
+    assert "- mm M<=8192 w(2048, 5632) r=16 bfloat16: tma" in out  # which back end won
     out = _record(tmp_path, ours_tok=70_000, ours_peak=20.0)
     assert "target >= 90%: MISSED" in out
     assert "(target: MISSED)" in out

@@ -22,6 +22,7 @@ Switches:
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -37,6 +38,7 @@ from lightning_zenft.adapters.fused import (
 )
 from lightning_zenft.kernels._triton import interpret_mode
 from lightning_zenft.kernels.liger import LigerPatches, apply_liger, liger_available, require_liger, restore_liger
+from lightning_zenft.kernels.matmul import matmul_choices
 
 Switch = bool | Literal["auto"]
 _LIGER = ("rms_norm", "rope", "fused_linear_cross_entropy")
@@ -86,6 +88,7 @@ class FusedKernels(Callback):
         self.liger: dict[str, Switch] = liger
         self._patches: LigerPatches | None = None
         self._pending_groups = False
+        self._choices_logged = False
         self.applied: dict[str, list[str]] = {}
 
     @override
@@ -139,6 +142,10 @@ class FusedKernels(Callback):
             groups = finalize_shared_inputs(pl_module)
             self.applied["shared_input"] = [",".join(g) for g in groups]
             rank_zero_info(f"FusedKernels: {len(groups)} groups of LoRA layers share their input.")
+        if not self._choices_logged and self.lora and (choices := matmul_choices()):
+            self._choices_logged = True
+            won = Counter(choices.values())
+            rank_zero_info(f"FusedKernels: back ends timed per product shape: {dict(won)} (kernels.matmul_choices()).")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

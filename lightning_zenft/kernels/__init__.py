@@ -21,7 +21,7 @@ from lightning_zenft.kernels.lora import (
     fused_lora_group,
     lora_reference,
 )
-from lightning_zenft.kernels.matmul import dual_lowrank, lowrank_matmul, set_matmul_backend
+from lightning_zenft.kernels.matmul import dual_lowrank, lowrank_matmul, matmul_choices, set_matmul_backend
 from lightning_zenft.kernels.mlp import fused_lora_mlp
 from lightning_zenft.kernels.nf4 import (
     NF4Weight,
@@ -50,6 +50,7 @@ __all__ = [
     "interpret_mode",
     "lora_reference",
     "lowrank_matmul",
+    "matmul_choices",
     "quantize_nf4",
     "release_nf4_buffers",
     "set_matmul_backend",

@@ -165,6 +165,26 @@ def _choose(
     return _fastest(key, candidates)
 
 
+def matmul_choices() -> dict[str, str]:
+    """What ``"auto"`` chose so far, per timed shape: ``{"mm M<=8192 (4096, 4096) r=16 ...": "triton", ...}``.
+
+    Example::
+
+        trainer.fit(module)                 # with FusedKernels on a GPU
+        print(matmul_choices())             # which back end won for each product
+    """
+    out = {}
+    for key, choice in _CHOICE.items():
+        if key[0] == "mm":
+            _, bucket, w_shape, layout, r, dtype, bias, c0, _ = key
+            extras = ("+bias" if bias else "") + ("+c0" if c0 else "") + (" tma-readable" if layout[2] else "")
+            out[f"mm M<={bucket} w{tuple(w_shape)} r={r} {str(dtype).removeprefix('torch.')}{extras}"] = choice
+        else:
+            _, bucket, n, r, dtype, _ = key
+            out[f"dual M<={bucket} N={n} r={r} {str(dtype).removeprefix('torch.')}"] = choice
+    return out
+
+
 def _bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()  # one choice per power-of-two token count
 

@@ -342,3 +342,17 @@ def test_tma_gemm_matches_the_reference(triton_on: None, dtype: torch.dtype, mon
         assert len(launches) == 6
     finally:
         set_matmul_backend("auto")
+
+
+def test_matmul_choices_names_each_timed_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning_zenft.kernels import matmul, matmul_choices
+
+    choices = {
+        ("mm", 8192, (4096, 14336), (True, False, True), 16, torch.bfloat16, True, False, 0): "tma",
+        ("dual", 8192, 14336, 16, torch.bfloat16, 0): "torch",
+    }
+    monkeypatch.setattr(matmul, "_CHOICE", choices)
+    assert matmul_choices() == {
+        "mm M<=8192 w(4096, 14336) r=16 bfloat16+bias tma-readable": "tma",
+        "dual M<=8192 N=14336 r=16 bfloat16": "torch",
+    }
