@@ -32,7 +32,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -93,7 +92,8 @@ class DoRAFunction(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             mask = _mask(plan, x)  # (M, K) dropout multiplier, or None
             xd = x if mask is None else x * mask
-            (z,), (xa,) = project_forward(xd, _no_dropout(plan), [weight], [None], [lora_a], [lora_b])  # (M, N), (M, r)
+            plain = plan.without_dropout()  # the mask is applied here, to the base product too
+            (z,), (xa,) = project_forward(xd, plain, [weight], [None], [lora_a], [lora_b])  # (M, N), (M, r)
             gain = magnitude.to(norm.dtype) / norm  # (N,)
             y = z * gain.to(z.dtype)
             if bias is not None:
@@ -121,7 +121,7 @@ class DoRAFunction(torch.autograd.Function):
             dz = dy * gain.to(dy.dtype)  # (M, N)
             grad_x, (grad_a,), (grad_b,), _ = project_backward(
                 x if mask is None else x * mask,
-                _no_dropout(plan),
+                plan.without_dropout(),
                 [weight],
                 [lora_a],
                 [lora_b],
@@ -146,18 +146,6 @@ def _mask(plan: ProjectionPlan, x: torch.Tensor) -> torch.Tensor | None:
     if not plan.dropped:
         return None
     return dropout_mask(x.shape, plan.dropouts[0], plan.seeds[0], x.device, x.dtype)
-
-
-def _no_dropout(plan: ProjectionPlan) -> ProjectionPlan:
-    """The same plan with dropout off: the fused DoRA applies its mask itself, to the base product too."""
-    if not plan.dropped:
-        return plan
-    plain = copy.copy(plan)
-    plain.dropouts = [0.0] * len(plan.dropouts)
-    plain.seeds = [None] * len(plan.seeds)
-    plain.shared = list(range(len(plan.dropouts)))
-    plain.dropped = []
-    return plain
 
 
 def fused_dora(

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -114,8 +115,21 @@ class ProjectionPlan:
         self.seeds = [_new_seed() if d > 0 else None for d in self.dropouts]
         self.frozen = [None if isinstance(p.weight, torch.Tensor) else p.weight for p in projections]
         self.ranks = [int(p.lora_a.shape[0]) for p in projections]
+        self._split_by_dropout()
+
+    def _split_by_dropout(self) -> None:
         self.shared = [i for i, d in enumerate(self.dropouts) if d == 0.0]  # share the low-rank GEMMs
         self.dropped = [i for i, d in enumerate(self.dropouts) if d > 0.0]
+
+    def without_dropout(self) -> ProjectionPlan:
+        """The same plan with dropout off (e.g. for a caller that applies its mask itself)."""
+        if not self.dropped:
+            return self
+        plain = copy.copy(self)
+        plain.dropouts = [0.0] * len(self.dropouts)
+        plain.seeds = [None] * len(self.seeds)
+        plain._split_by_dropout()
+        return plain
 
 
 def check_projections(x: torch.Tensor, projections: Sequence[LoRAProjection]) -> None:
