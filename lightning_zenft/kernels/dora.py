@@ -72,7 +72,7 @@ def dora_row_norm(
 
 
 class DoRAFunction(torch.autograd.Function):
-    """Autograd function of :func:`fused_dora`; inputs ``(x, plan, weight, bias, lora_a, lora_b, magnitude, norm)``.
+    """Autograd function of :func:`fused_dora`; inputs ``(x, plan, weight, bias, lora_a, lora_b, magnitude)``.
 
     ``plan`` carries the dropout probability and seed (see the module docstring for the dropout case).
     """
@@ -87,19 +87,19 @@ class DoRAFunction(torch.autograd.Function):
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         magnitude: torch.Tensor,
-        norm: torch.Tensor,
     ) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
+            w = _dense_weight(plan, weight)  # (N, K), dequantized once for the norm and both products
+            norm = dora_row_norm(w, lora_a, lora_b, plan.scalings[0])  # (N,), a constant
             mask = _mask(plan, x)  # (M, K) dropout multiplier, or None
             xd = x if mask is None else x * mask
             plain = plan.without_dropout()  # the mask is applied here, to the base product too
-            (z,), (xa,) = project_forward(xd, plain, [weight], [None], [lora_a], [lora_b])  # (M, N), (M, r)
+            (z,), (xa,) = project_forward(xd, plain, [w], [None], [lora_a], [lora_b])  # (M, N), (M, r)
             gain = magnitude.to(norm.dtype) / norm  # (N,)
             y = z * gain.to(z.dtype)
             if bias is not None:
                 y.add_(bias.to(y.dtype))  # in place: y is a fresh tensor, z stays as saved
             if mask is not None:  # the base product of the kept-out part: W (x - D x)
-                w = weight if weight is not None else plan.frozen[0].dense()
                 y = lowrank_matmul(x - xd, w.t(), c0=y)
         ctx.plan = plan
         ctx.x_shape = tuple(x.shape)
@@ -119,10 +119,11 @@ class DoRAFunction(torch.autograd.Function):
             grad_m = (dy * z).sum(0, dtype=norm.dtype).div_(norm) if needs[6] else None  # (N,)
             grad_bias = dy.sum(0) if needs[3] else None
             dz = dy * gain.to(dy.dtype)  # (M, N)
+            w = _dense_weight(plan, weight) if needs[0] else weight  # dequantized once for both products
             grad_x, (grad_a,), (grad_b,), _ = project_backward(
                 x if mask is None else x * mask,
                 plan.without_dropout(),
-                [weight],
+                [w],
                 [lora_a],
                 [lora_b],
                 [xa],
@@ -134,12 +135,15 @@ class DoRAFunction(torch.autograd.Function):
                 x_shape=ctx.x_shape,
             )
             if mask is not None and grad_x is not None:  # dx = (1 - D) (dy W) + D d(Dx)
-                w = weight if weight is not None else plan.frozen[0].dense()
                 grad_base = lowrank_matmul(dy, w)  # (M, K)
                 grad_x = grad_base.add_(grad_x.sub_(grad_base).mul_(mask))
         if grad_m is not None:
             grad_m = grad_m.to(ctx.magnitude_dtype)
-        return grad_x, None, None, grad_bias, grad_a, grad_b, grad_m, None
+        return grad_x, None, None, grad_bias, grad_a, grad_b, grad_m
+
+
+def _dense_weight(plan: ProjectionPlan, weight: torch.Tensor | None) -> torch.Tensor:
+    return weight if weight is not None else plan.frozen[0].dense()
 
 
 def _mask(plan: ProjectionPlan, x: torch.Tensor) -> torch.Tensor | None:
@@ -182,8 +186,6 @@ def fused_dora(
         shape, out = tuple(magnitude.shape), weight.shape[0]
         raise ValueError(f"magnitude has shape {shape}; expected ({out},), one value per output.")
     plan = ProjectionPlan([projection], training)
-    dense = dense_of(weight)
-    norm = dora_row_norm(weight, lora_a, lora_b, scaling, dense)  # (out,), fp32, constant
     w = weight if isinstance(weight, torch.Tensor) else None
-    y = DoRAFunction.apply(x.reshape(-1, x.shape[-1]), plan, w, bias, lora_a, lora_b, magnitude, norm)
+    y = DoRAFunction.apply(x.reshape(-1, x.shape[-1]), plan, w, bias, lora_a, lora_b, magnitude)
     return y.view(*x.shape[:-1], y.shape[-1])
