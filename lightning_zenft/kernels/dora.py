@@ -54,12 +54,10 @@ def _wide(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def dora_row_norm(
-    weight: WeightLike, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float, dense: torch.Tensor | None = None
-) -> torch.Tensor:
+def dora_row_norm(weight: WeightLike, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``||W + s B A||`` per output row, fp32, without building ``W + s B A`` (see the module docstring)."""
     with torch.no_grad():
-        w = dense_of(weight) if dense is None else dense  # (out, in)
+        w = dense_of(weight)  # (out, in)
         wide = _wide(w.dtype)
         a = lora_a.to(w.dtype)
         b = lora_b.to(wide)
