@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lightning_zenft.kernels._matmul_triton import _load_tile
 from lightning_zenft.kernels._triton import interpret_mode
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): many tokens, then few.
@@ -53,26 +54,15 @@ def _dual_lowrank_kernel(
     rr = tl.arange(0, BLOCK_R)  # (BR,)
     m_ok = rm < M
     r_ok = rr < R
-    xa = tl.load(
-        xa_ptr + rm[:, None] * stride_xam + rr[None, :] * stride_xar, mask=m_ok[:, None] & r_ok[None, :], other=0.0
-    )  # (BM, BR)
-    if UPCAST:
-        xa = xa.to(tl.float32)
+    xa = _load_tile(xa_ptr, rm, rr, stride_xam, stride_xar, m_ok, r_ok, UPCAST)  # (BM, BR)
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
     n_start = pid_s * N_PER_SPLIT
     n_stop = tl.minimum(n_start + N_PER_SPLIT, N)
     for n0 in range(n_start, n_stop, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)  # (BN,)
         n_ok = rn < n_stop
-        dy = tl.load(
-            dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn, mask=m_ok[:, None] & n_ok[None, :], other=0.0
-        )  # (BM, BN)
-        b = tl.load(
-            b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br, mask=n_ok[:, None] & r_ok[None, :], other=0.0
-        )  # (BN, BR)
-        if UPCAST:
-            dy = dy.to(tl.float32)
-            b = b.to(tl.float32)
+        dy = _load_tile(dy_ptr, rm, rn, stride_dym, stride_dyn, m_ok, n_ok, UPCAST)  # (BM, BN)
+        b = _load_tile(b_ptr, rn, rr, stride_bn, stride_br, n_ok, r_ok, UPCAST)  # (BN, BR)
         acc = tl.dot(dy, b, acc)
         g = tl.dot(tl.trans(dy), xa)  # (BN, BR), this row block's share of dY^T X_A
         g_rows = pid_m * N + rn

@@ -59,6 +59,17 @@ def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.c
 
 
 @triton.jit
+def _load_tile(ptr, rows, cols, stride_r, stride_c, rows_ok, cols_ok, UPCAST: tl.constexpr):
+    """The tile ``ptr[rows, cols]`` (zero outside the masks), widened to fp32 under the interpreter (``UPCAST``)."""
+    tile = tl.load(
+        ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0
+    )
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
 def _epilogue(
     acc,
     rm,
@@ -91,19 +102,9 @@ def _epilogue(
     if HAS_LOWRANK:
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + tl.arange(0, BLOCK_R)
-            p = tl.load(
-                p_ptr + rm[:, None] * stride_pm + rr[None, :] * stride_pr,
-                mask=m_ok[:, None] & (rr[None, :] < R),
-                other=0.0,
-            )  # (BM, BR)
-            q = tl.load(
-                q_ptr + rr[:, None] * stride_qr + rn[None, :] * stride_qn,
-                mask=(rr[:, None] < R) & n_ok[None, :],
-                other=0.0,
-            )  # (BR, BN)
-            if UPCAST:
-                p = p.to(tl.float32)
-                q = q.to(tl.float32)
+            r_ok = rr < R
+            p = _load_tile(p_ptr, rm, rr, stride_pm, stride_pr, m_ok, r_ok, UPCAST)  # (BM, BR)
+            q = _load_tile(q_ptr, rr, rn, stride_qr, stride_qn, r_ok, n_ok, UPCAST)  # (BR, BN)
             acc = tl.dot(p, q, acc)
 
     if HAS_BIAS:
@@ -163,19 +164,9 @@ def _lowrank_matmul_kernel(
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-            mask=m_ok[:, None] & (kk[None, :] < K),
-            other=0.0,
-        )  # (BM, BK)
-        w = tl.load(
-            w_ptr + kk[:, None] * stride_wk + rn[None, :] * stride_wn,
-            mask=(kk[:, None] < K) & n_ok[None, :],
-            other=0.0,
-        )  # (BK, BN)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
+        k_ok = kk < K
+        x = _load_tile(x_ptr, rm, kk, stride_xm, stride_xk, m_ok, k_ok, UPCAST)  # (BM, BK)
+        w = _load_tile(w_ptr, kk, rn, stride_wk, stride_wn, k_ok, n_ok, UPCAST)  # (BK, BN)
         acc = tl.dot(x, w, acc)
 
     _epilogue(acc, rm, rn, M, N, R, p_ptr, q_ptr, bias_ptr, c0_ptr, c_ptr, stride_pm, stride_pr, stride_qr,
