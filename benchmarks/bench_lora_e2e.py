@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _profile import KernelProfile, by_kind, format_profile  # noqa: E402
+from _shapes import LLAMA_SHAPES  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALL_MODES = "ours,ours_nokernels,peft,peft_liger,full,ceiling,ceiling_liger"
@@ -52,14 +53,7 @@ ALL_MODES = "ours,ours_nokernels,peft,peft_liger,full,ceiling,ceiling_liger"
 def llama_config(size: str) -> Any:
     from transformers import LlamaConfig
 
-    shapes = {
-        "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                   num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096),
-        "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                   num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192),
-        "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=256, max_position_embeddings=128),
-    }  # fmt: skip
+    shapes = LLAMA_SHAPES
     if size not in shapes:
         raise SystemExit(f"--size {size!r}: choose one of {sorted(shapes)}.")
     return LlamaConfig(**shapes[size])

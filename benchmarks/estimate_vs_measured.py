@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import sys
 import tempfile
 
 import torch
@@ -33,8 +35,10 @@ from lightning_zenft.planning.measure import saved_activation_bytes
 from lightning_zenft.planning.memory import estimate_memory
 from lightning_zenft.planning.model_info import LINEAR_NAMES, resolve_model
 
-SHAPE_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, vocab_size=32000)  # fmt: skip
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shapes import LLAMA_SHAPES  # noqa: E402
+
+SHAPE_1B = LLAMA_SHAPES["1b"]
 SHAPE_TINY = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=2, vocab_size=512)  # fmt: skip
 

@@ -16,6 +16,8 @@ in the big GEMM's epilogue instead); "one-pass dY" also counts ``dual_lowrank``,
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from collections.abc import Callable
 
 import torch
@@ -24,6 +26,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightning_zenft.kernels import LoRAProjection, fused_lora, fused_lora_group, fused_lora_mlp, set_matmul_backend
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shapes import layer_widths  # noqa: E402
 
 Op = tuple[str, float, float, str]
 MATMULS = {"mm", "addmm", "addmm_", "bmm", "baddbmm"}
@@ -151,13 +156,10 @@ def dora_report(k: int, n: int, m: int, r: int, peak: float, bw: float) -> None:
               f"{100 * (us / base_us - 1):+.1f}% |")  # fmt: skip
 
 
-LAYERS = {"1b": (2048, 5632, 256), "8b": (4096, 14336, 1024)}  # hidden, intermediate, k/v width
-
-
 def layer_report(size: str, m: int, r: int, peak: float, bw: float) -> None:
     """One decoder layer's projections and gated MLP (attention, norms and the rest are the same in both): the
     products and small operations only (:func:`matmul_ops`)."""
-    h, i, kv = LAYERS[size]
+    _, h, i, kv = layer_widths(size)
     dtype = torch.bfloat16
     with FakeTensorMode():
         t = dict(
@@ -210,7 +212,7 @@ def main() -> None:
     parser.add_argument("--peak-tflops", type=float, default=800.0, help="bf16 matrix rate (H100, measured: ~800)")
     parser.add_argument("--bandwidth-tbs", type=float, default=3.35, help="memory bandwidth (H100 SXM: 3.35 TB/s)")
     parser.add_argument("--ops", action="store_true", help="list the fused path's operations")
-    parser.add_argument("--layer", choices=sorted(LAYERS), help="also one whole decoder layer of this model shape")
+    parser.add_argument("--layer", choices=["1b", "8b"], help="also one whole decoder layer of this model shape")
     parser.add_argument("--dora", action="store_true", help="also DoRA: eager (PEFT's operations) against fused")
     args = parser.parse_args()
     peak, bw = args.peak_tflops * 1e12, args.bandwidth_tbs * 1e12

@@ -13,12 +13,12 @@ import argparse
 import glob
 import json
 import os
+import sys
 
-# Shapes of bench_lora_e2e.py: layers, hidden, intermediate and k/v width (kv heads x head dim).
-SHAPES = {
-    "1b": dict(layers=22, hidden=2048, inter=5632, kv=256),
-    "8b": dict(layers=32, hidden=4096, inter=14336, kv=1024),
-}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _shapes import layer_widths  # noqa: E402
+
+SIZES = ("1b", "8b")  # the shapes with a memory target
 RANK = 16
 
 
@@ -28,8 +28,7 @@ def memory_budget_gib(size: str, batch: int, seq: int) -> float:
     Per layer the adapted inputs are the q/k/v input and the gate/up input (hidden each, shared), the o input (hidden)
     and the down input (intermediate).
     """
-    s = SHAPES[size]
-    h, i, kv, n = s["hidden"], s["inter"], s["kv"], s["layers"]
+    n, h, i, kv = layer_widths(size)
     inputs = n * (3 * h + i) * batch * seq * 2
     # A: r x in, B: out x r for q, k, v, o, gate, up, down; fp32 weight + grad + 2 AdamW moments = 16 bytes each
     per_layer = RANK * ((h + h) + (h + kv) * 2 + (h + h) + (h + i) * 2 + (i + h))
@@ -75,7 +74,7 @@ def e2e(run: dict) -> None:
     title = f"{run['size']} shape, {run['quant']}, {run['batch']} x {run['seq']} tokens"
     print(f"### `bench_lora_e2e.py`: {title} ({run['device']}, torch {run['torch']}, {run['date']})\n")
     budget = None
-    if ceiling and ceiling.get("peak_gib") is not None and run["size"] in SHAPES:
+    if ceiling and ceiling.get("peak_gib") is not None and run["size"] in SIZES:
         budget = ceiling["peak_gib"] + memory_budget_gib(run["size"], run["batch"], run["seq"])
     print("| mode | tokens/s | % of ceiling | peak GiB | trainable | loss |")
     print("|---|---|---|---|---|---|")
