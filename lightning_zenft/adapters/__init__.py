@@ -2,6 +2,9 @@
 
 from lightning_zenft.adapters._protocol import (
     AdapterModule,
+    LowRankUpdate,
+    Mergeable,
+    Wrapping,
     adapter_parameter_names,
     disable_adapters,
     find_adapters,
@@ -14,6 +17,9 @@ from lightning_zenft.adapters.lora import LoRALinear, lora_scaling
 __all__ = [
     "AdapterModule",
     "DoRALinear",
+    "LowRankUpdate",
+    "Mergeable",
+    "Wrapping",
     "LoRALinear",
     "adapter_parameter_names",
     "disable_adapters",

@@ -47,8 +47,18 @@ class DoRALinear(LoRALinear):
         self.lora_magnitude_vector = nn.Parameter(self.weight_norm().to(self.lora_A.weight.dtype))  # (out,)
         self.register_buffer("_merged_norm", None, persistent=False)
 
+    low_rank_factors = None  # type: ignore[assignment]  # the magnitude rescales rows: not a LowRankUpdate
+
     def adapter_params(self) -> list[str]:
         return ["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"]
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``m (W + s B A) / ||W + s B A||_row`` for a dense ``(out, in)`` base weight ``W``, in ``W``'s dtype."""
+        with torch.no_grad():
+            adapted = weight.float() + self.delta_weight().float().to(weight.device)  # (out, in)
+            norm = torch.linalg.norm(adapted, dim=1)  # (out,)
+            gain = self.lora_magnitude_vector.detach().float().to(weight.device) / norm  # (out,)
+            return (adapted * gain[:, None]).to(weight.dtype)
 
     def weight_norm(self) -> torch.Tensor:
         """``||W + s B A||`` per output row, detached, in float32 for an accurate merge."""

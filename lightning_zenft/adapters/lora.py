@@ -113,9 +113,18 @@ class LoRALinear(nn.Module):
     def adapter_params(self) -> list[str]:
         return ["lora_A.weight", "lora_B.weight"]
 
+    def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, s)``: the layer computes ``base(x) + s B A dropout(x)`` (:class:`LowRankUpdate`)."""
+        return self.lora_A.weight, self.lora_B.weight, self.scaling
+
     def delta_weight(self) -> torch.Tensor:
         """The update ``s * B A`` as an ``(out, in)`` matrix."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + s B A`` for a dense ``(out, in)`` base weight ``W``, in ``W``'s dtype (:class:`Mergeable`)."""
+        with torch.no_grad():
+            return (weight.float() + self.delta_weight().float().to(weight.device)).to(weight.dtype)
 
     def merge(self) -> None:
         """``W <- W + s B A``. The layer then runs the base alone, at the base layer's speed."""
