@@ -204,10 +204,9 @@ def run_ours(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     result = dict(step_s=sum(times) / max(len(times), 1), n_train=n_train, loss=float(module.last_loss))
     if prof is not None:
         result["profile"] = profile_rows
-    if mode in ("ours", "ours_dora"):
-        from lightning_zenft.kernels import matmul_choices
-
-        result["matmul_choices"] = matmul_choices()  # which back end won for each product in this run
+    fused = [c for c in callbacks if isinstance(c, FusedKernels)]
+    if fused:  # which back end won for each product in this run (the callback owns its choices)
+        result["matmul_choices"] = fused[0].runtime.choices_report()
     return result
 
 

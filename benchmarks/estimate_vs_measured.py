@@ -61,7 +61,7 @@ def run_variant(config_kwargs: dict, variant: str, batch: int, seq: int, rank: i
     if variant in ("lora", "lora_fused"):
         add_adapters(model, rank)
     if variant == "lora_fused":  # as FusedKernels runs it (groups form after one forward)
-        from lightning_zenft.adapters.fused import finalize_shared_inputs, fuse_lora_layers
+        from lightning_zenft.fusion import finalize_shared_inputs, fuse_lora_layers
 
         fuse_lora_layers(model, warn=False)
         with torch.no_grad():

@@ -27,7 +27,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_zenft import LoRAConfig, inject_adapters
-from lightning_zenft.adapters.fused import finalize_shared_inputs, fuse_lora_layers
+from lightning_zenft.fusion import finalize_shared_inputs, fuse_lora_layers
 from lightning_zenft.planning.measure import saved_activation_bytes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

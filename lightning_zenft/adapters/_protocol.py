@@ -63,10 +63,13 @@ class Wrapping(Protocol):
 
 @runtime_checkable
 class LowRankUpdate(Protocol):
-    """An adapter whose output is ``base_layer(x) + s B A dropout(x)`` exactly; ``(A, B, s) = low_rank_factors()``.
+    """An adapter whose output is ``base_layer(x) + s B A lora_dropout(x)`` exactly.
 
-    ``A`` is ``(r, in)`` and ``B`` is ``(out, r)``, the live parameters (gradients flow through them).
+    ``(A, B, s) = low_rank_factors()``: ``A`` is ``(r, in)`` and ``B`` is ``(out, r)``, the live parameters (gradients
+    flow through them); ``lora_dropout`` is the module applied to the adapter's input.
     """
+
+    lora_dropout: nn.Module
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]: ...
 

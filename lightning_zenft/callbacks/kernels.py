@@ -14,6 +14,10 @@ Switches:
   function that saves each adapted input once; ``mlp_recompute=True`` recomputes the down projection's input in
   backward instead of keeping it (``tokens x intermediate`` less memory per layer, one more elementwise pass).
 * ``glu``: gated MLPs of plain linear layers use the fused GLU kernel.
+* ``matmul_backend``: the back end of the fused LoRA products (``"auto"``, ``"torch"``, ``"triton"``,
+  ``"triton-tma"``; see :mod:`lightning_zenft.kernels.matmul`). ``None`` takes the default runtime's, as set by
+  :func:`~lightning_zenft.kernels.set_matmul_backend`. The callback owns its back-end choices and buffers
+  (``callback.runtime``), created when fitting starts.
 * ``rms_norm``, ``rope``, ``fused_linear_cross_entropy``: Liger-Kernel's kernels. ``"auto"`` turns each on when
   ``liger_kernel`` imports and the Trainer runs on CUDA, and says so in an info line otherwise; ``True`` requires
   them (an error names ``pip install liger-kernel``). A LoRA on the output head keeps its gradient under the fused
@@ -30,15 +34,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_zenft.adapters.fused import (
+from lightning_zenft.fusion import (
+    LigerPatches,
+    apply_liger,
     finalize_shared_inputs,
     fuse_glu_mlps,
     fuse_lora_layers,
+    restore_liger,
     unfuse_lora_layers,
 )
 from lightning_zenft.kernels._triton import interpret_mode
-from lightning_zenft.kernels.liger import LigerPatches, apply_liger, liger_available, require_liger, restore_liger
-from lightning_zenft.kernels.matmul import matmul_choices
+from lightning_zenft.kernels.liger import liger_available, require_liger
+from lightning_zenft.kernels.runtime import BACKENDS, EpilogueBackend, KernelRuntime, default_runtime
 
 Switch = bool | Literal["auto"]
 _LIGER = ("rms_norm", "rope", "fused_linear_cross_entropy")
@@ -53,6 +60,7 @@ class FusedKernels(Callback):
         mlp: one call for a gated MLP with LoRA on gate, up and down.
         mlp_recompute: the fused MLP recomputes ``act(gate) * up`` in backward rather than keeping it.
         glu: fused GLU kernel for gated MLPs without LoRA.
+        matmul_backend: back end of the fused products; None follows ``set_matmul_backend``.
         rms_norm, rope, fused_linear_cross_entropy: Liger kernels; ``"auto"``, ``True`` or ``False``.
 
     Example::
@@ -67,6 +75,7 @@ class FusedKernels(Callback):
         mlp: bool = True,
         glu: bool = True,
         mlp_recompute: bool = False,
+        matmul_backend: EpilogueBackend | None = None,
         rms_norm: Switch = "auto",
         rope: Switch = "auto",
         fused_linear_cross_entropy: Switch = "auto",
@@ -75,6 +84,8 @@ class FusedKernels(Callback):
         for name, value in liger.items():
             if value not in (True, False, "auto"):
                 raise ValueError(f"FusedKernels({name}={value!r}): use True, False or 'auto'.")
+        if matmul_backend is not None and matmul_backend not in BACKENDS:
+            raise ValueError(f"FusedKernels(matmul_backend={matmul_backend!r}): use one of {', '.join(BACKENDS)}.")
         if (shared_input or mlp) and not lora:
             raise ValueError(
                 "FusedKernels(lora=False) with shared_input or mlp on: the grouped kernels are built on the per-layer "
@@ -85,6 +96,8 @@ class FusedKernels(Callback):
         self.mlp = mlp
         self.glu = glu
         self.mlp_recompute = mlp_recompute
+        self.matmul_backend = matmul_backend
+        self.runtime: KernelRuntime = default_runtime().derive(backend=matmul_backend)
         self.liger: dict[str, Switch] = liger
         self._patches: LigerPatches | None = None
         self._pending_groups = False
@@ -116,16 +129,22 @@ class FusedKernels(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.applied = {}
+        self.runtime = default_runtime().derive(backend=self.matmul_backend)  # fresh choices and buffers per fit
+        self._choices_logged = False
         if self.lora:
             report = fuse_lora_layers(
-                pl_module, mlp=self.mlp, shared_input=self.shared_input, mlp_recompute=self.mlp_recompute
+                pl_module,
+                mlp=self.mlp,
+                shared_input=self.shared_input,
+                mlp_recompute=self.mlp_recompute,
+                runtime=self.runtime,
             )
             self.applied["lora"] = report.layers
             self.applied["mlp"] = report.mlps
             self._pending_groups = bool(report.observed_parents)
             rank_zero_info(f"FusedKernels: {report.summary()}.")
         if self.glu:
-            self.applied["glu"] = fuse_glu_mlps(pl_module)
+            self.applied["glu"] = fuse_glu_mlps(pl_module, runtime=self.runtime)
         liger = self._liger_switches(trainer)
         if any(liger.values()):
             self._patches = apply_liger(pl_module, **liger)
@@ -142,10 +161,10 @@ class FusedKernels(Callback):
             groups = finalize_shared_inputs(pl_module)
             self.applied["shared_input"] = [",".join(g) for g in groups]
             rank_zero_info(f"FusedKernels: {len(groups)} groups of LoRA layers share their input.")
-        if not self._choices_logged and self.lora and (choices := matmul_choices()):
+        if not self._choices_logged and self.lora and (choices := self.runtime.choices_report()):
             self._choices_logged = True
             won = Counter(choices.values())
-            rank_zero_info(f"FusedKernels: back ends timed per product shape: {dict(won)} (kernels.matmul_choices()).")
+            rank_zero_info(f"FusedKernels: back ends timed per product shape: {dict(won)} (runtime.choices_report()).")
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -160,3 +179,4 @@ class FusedKernels(Callback):
             restore_liger(self._patches)
             self._patches = None
         unfuse_lora_layers(pl_module)
+        self.runtime.release_buffers()

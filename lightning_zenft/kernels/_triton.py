@@ -22,8 +22,6 @@ from types import ModuleType
 
 import torch
 
-_DISABLED = False
-
 
 def interpret_mode() -> bool:
     """True when ``TRITON_INTERPRET=1``: Triton kernels then run (slowly) on CPU tensors, for tests."""
@@ -37,23 +35,24 @@ def triton_installed() -> bool:
 
 
 def set_triton_enabled(enabled: bool) -> None:
-    """Turn every Triton path off (``False``) or back on, process-wide; the torch paths compute the same math.
+    """Turn every Triton path of the default runtime off (``False``) or back on; the torch paths compute the same math.
+
+    A :class:`~lightning_zenft.FusedKernels` callback copies the default runtime's switches when fitting starts.
 
     Example::
 
         set_triton_enabled(False)   # e.g. to compare against the torch path in a benchmark
     """
-    global _DISABLED
-    _DISABLED = not enabled
+    from lightning_zenft.kernels.runtime import default_runtime
+
+    default_runtime().triton = enabled
 
 
 def triton_enabled(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton path should run for these tensors: all on CUDA (or the interpreter forced), Triton present."""
-    if _DISABLED:
-        return False
-    if interpret_mode():
-        return triton_installed() and all(t.device.type == "cpu" for t in tensors)
-    return all(t.is_cuda for t in tensors) and triton_installed()
+    """Whether the default runtime runs Triton for these tensors (see :meth:`KernelRuntime.use_triton`)."""
+    from lightning_zenft.kernels.runtime import default_runtime
+
+    return default_runtime().use_triton(*tensors)
 
 
 def require_triton() -> ModuleType:

@@ -47,6 +47,7 @@ from lightning_zenft.kernels.lora import (
     project_forward,
 )
 from lightning_zenft.kernels.matmul import lowrank_matmul
+from lightning_zenft.kernels.runtime import KernelRuntime
 
 
 def _wide(dtype: torch.dtype) -> torch.dtype:
@@ -98,7 +99,7 @@ class DoRAFunction(torch.autograd.Function):
             if bias is not None:
                 y.add_(bias.to(y.dtype))  # in place: y is a fresh tensor, z stays as saved
             if mask is not None:  # the base product of the kept-out part: W (x - D x)
-                y = lowrank_matmul(x - xd, w.t(), c0=y)
+                y = lowrank_matmul(x - xd, w.t(), c0=y, runtime=plan.runtime)
         ctx.plan = plan
         ctx.x_shape = tuple(x.shape)
         ctx.magnitude_dtype = magnitude.dtype
@@ -133,7 +134,7 @@ class DoRAFunction(torch.autograd.Function):
                 x_shape=ctx.x_shape,
             )
             if mask is not None and grad_x is not None:  # dx = (1 - D) (dy W) + D d(Dx)
-                grad_base = lowrank_matmul(dy, w)  # (M, K)
+                grad_base = lowrank_matmul(dy, w, runtime=plan.runtime)  # (M, K)
                 grad_x = grad_base.add_(grad_x.sub_(grad_base).mul_(mask))
         if grad_m is not None:
             grad_m = grad_m.to(ctx.magnitude_dtype)
@@ -161,6 +162,7 @@ def fused_dora(
     *,
     dropout: float = 0.0,
     training: bool = True,
+    runtime: KernelRuntime | None = None,
 ) -> torch.Tensor:
     """DoRA: ``W x + b + (g - 1) W D x + g s B A D x`` with ``g = m / ||W + s B A||_row`` constant in backward.
 
@@ -173,6 +175,7 @@ def fused_dora(
         lora_a: ``(r, in)``. lora_b: ``(out, r)``. magnitude: ``m``, ``(out,)``. scaling: ``s``.
         bias: ``(out,)`` or None.
         dropout: dropout probability on the adapter's input (only when ``training``); it costs a second base product.
+        runtime: back-end choice and caches (the default runtime if None).
 
     Example::
 
@@ -183,7 +186,7 @@ def fused_dora(
     if tuple(magnitude.shape) != (weight.shape[0],):
         shape, out = tuple(magnitude.shape), weight.shape[0]
         raise ValueError(f"magnitude has shape {shape}; expected ({out},), one value per output.")
-    plan = ProjectionPlan([projection], training)
+    plan = ProjectionPlan([projection], training, runtime)
     w = weight if isinstance(weight, torch.Tensor) else None
     y = DoRAFunction.apply(x.reshape(-1, x.shape[-1]), plan, w, bias, lora_a, lora_b, magnitude)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -19,7 +19,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from lightning_zenft.kernels._triton import triton_enabled, triton_module
+from lightning_zenft.kernels._triton import triton_module
+from lightning_zenft.kernels.runtime import KernelRuntime, resolve
 
 GLUActivation = Literal["silu", "gelu_tanh", "gelu"]
 GLU_ACTIVATIONS: tuple[str, ...] = ("silu", "gelu_tanh", "gelu")
@@ -57,23 +58,25 @@ def _act_and_grad_torch(g: torch.Tensor, act: GLUActivation) -> tuple[torch.Tens
     raise ValueError(f"GLU activation {act!r} is not one of {GLU_ACTIVATIONS}.")
 
 
-def glu_forward(g: torch.Tensor, u: torch.Tensor, act: GLUActivation) -> torch.Tensor:
+def glu_forward(
+    g: torch.Tensor, u: torch.Tensor, act: GLUActivation, runtime: KernelRuntime | None = None
+) -> torch.Tensor:
     """``act(g) * u`` without autograd, one Triton kernel where it runs."""
     if act not in GLU_ACTIVATIONS:
         raise ValueError(f"GLU activation {act!r} is not one of {GLU_ACTIVATIONS}.")
     if g.shape != u.shape:
         raise ValueError(f"GLU needs gate and up of one shape; got {tuple(g.shape)} and {tuple(u.shape)}.")
-    if triton_enabled(g, u):
+    if resolve(runtime).use_triton(g, u):
         return triton_module("_glu_triton").glu_forward_triton(g.contiguous(), u.contiguous(), act)
     a, _ = _act_and_grad_torch(g, act)
     return (a * u.float()).to(g.dtype)
 
 
 def glu_backward(
-    dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: GLUActivation
+    dh: torch.Tensor, g: torch.Tensor, u: torch.Tensor, act: GLUActivation, runtime: KernelRuntime | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dg, du)`` of :func:`glu_forward` given ``dh``, recomputing ``act(g)``."""
-    if triton_enabled(dh, g, u):
+    if resolve(runtime).use_triton(dh, g, u):
         return triton_module("_glu_triton").glu_backward_triton(dh.contiguous(), g.contiguous(), u.contiguous(), act)
     a, da = _act_and_grad_torch(g, act)
     dh32 = dh.float()
@@ -84,23 +87,27 @@ class GLUFunction(torch.autograd.Function):
     """Autograd function of :func:`glu`: saves ``g`` and ``u`` only."""
 
     @staticmethod
-    def forward(ctx: Any, g: torch.Tensor, u: torch.Tensor, act: GLUActivation) -> torch.Tensor:
-        ctx.act = act
+    def forward(
+        ctx: Any, g: torch.Tensor, u: torch.Tensor, act: GLUActivation, runtime: KernelRuntime
+    ) -> torch.Tensor:
+        ctx.act, ctx.runtime = act, runtime
         ctx.save_for_backward(g, u)
-        return glu_forward(g, u, act)
+        return glu_forward(g, u, act, runtime)
 
     @staticmethod
     def backward(ctx: Any, dh: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         g, u = ctx.saved_tensors
-        dg, du = glu_backward(dh, g, u, ctx.act)
-        return dg, du, None
+        dg, du = glu_backward(dh, g, u, ctx.act, ctx.runtime)
+        return dg, du, None, None
 
 
-def glu(g: torch.Tensor, u: torch.Tensor, act: GLUActivation = "silu") -> torch.Tensor:
+def glu(
+    g: torch.Tensor, u: torch.Tensor, act: GLUActivation = "silu", runtime: KernelRuntime | None = None
+) -> torch.Tensor:
     """``act(g) * u`` with a fused forward and backward.
 
     Example::
 
         h = glu(gate_proj(x), up_proj(x), "silu")     # SwiGLU
     """
-    return GLUFunction.apply(g, u, act)
+    return GLUFunction.apply(g, u, act, resolve(runtime))

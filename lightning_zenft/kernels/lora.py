@@ -37,6 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from lightning_zenft.kernels.matmul import dual_lowrank, lowrank_matmul
+from lightning_zenft.kernels.runtime import KernelRuntime, resolve
 
 
 @runtime_checkable
@@ -107,9 +108,12 @@ def _new_seed() -> int:
 
 
 class ProjectionPlan:
-    """The non-tensor facts of one call: scales, dropout probabilities and seeds, quantized weights."""
+    """The non-tensor facts of one call: scales, dropout probabilities and seeds, quantized weights, the runtime."""
 
-    def __init__(self, projections: Sequence[LoRAProjection], training: bool) -> None:
+    def __init__(
+        self, projections: Sequence[LoRAProjection], training: bool, runtime: KernelRuntime | None = None
+    ) -> None:
+        self.runtime = resolve(runtime)
         self.scalings = [float(p.scaling) for p in projections]
         self.dropouts = [float(p.dropout) if training else 0.0 for p in projections]
         self.seeds = [_new_seed() if d > 0 else None for d in self.dropouts]
@@ -194,7 +198,7 @@ def project_forward(
     for i in range(len(lora_as)):
         w = weights[i] if weights[i] is not None else plan.frozen[i].dense()  # (N_i, K)
         q = (lora_bs[i].to(dtype) * plan.scalings[i]).t()  # (r_i, N_i)
-        outs.append(lowrank_matmul(x2, w.t(), xas[i], q, _cast(biases[i], dtype)))  # (M, N_i)
+        outs.append(lowrank_matmul(x2, w.t(), xas[i], q, _cast(biases[i], dtype), runtime=plan.runtime))  # (M, N_i)
     return outs, xas
 
 
@@ -223,7 +227,7 @@ def project_backward(
     dybs = []
     for i in range(n):
         if need_b[i]:  # dY B and dY^T (X A^T) from one pass over dY where that is faster
-            dyb, gb = dual_lowrank(dys[i], b_[i], xas[i])
+            dyb, gb = dual_lowrank(dys[i], b_[i], xas[i], plan.runtime)
             grad_b[i] = gb.mul_(plan.scalings[i])  # (N_i, r_i)
         else:
             dyb = dys[i] @ b_[i]
@@ -250,7 +254,7 @@ def project_backward(
         for i in range(n):
             w = weights[i] if weights[i] is not None else plan.frozen[i].dense()  # (N_i, K)
             p, q = (dyb_cat, a_cat) if shared and i == 0 else (None, None)  # every shared member's term, once
-            grad_x = lowrank_matmul(dys[i], w, p, q, None, grad_x)  # (M, K)
+            grad_x = lowrank_matmul(dys[i], w, p, q, None, grad_x, plan.runtime)  # (M, K)
         for i in plan.dropped:
             grad_x.add_((dybs[i] @ a_[i]).mul_(masks[i]), alpha=plan.scalings[i])  # (M, K)
     return grad_x, grad_a, grad_b, grad_bias
@@ -319,7 +323,10 @@ class LoRAGroupFunction(torch.autograd.Function):
 
 
 def fused_lora_group(
-    x: torch.Tensor, projections: Sequence[LoRAProjection], training: bool = True
+    x: torch.Tensor,
+    projections: Sequence[LoRAProjection],
+    training: bool = True,
+    runtime: KernelRuntime | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Several LoRA projections of one input in one autograd function (q/k/v, gate/up): ``X`` saved once.
 
@@ -327,6 +334,8 @@ def fused_lora_group(
         x: the shared input ``(..., in)``.
         projections: one :class:`LoRAProjection` per output.
         training: when False, dropout is off.
+        runtime: back-end choice and caches (:class:`~lightning_zenft.kernels.runtime.KernelRuntime`; the default
+            runtime if None).
 
     Example::
 
@@ -336,7 +345,7 @@ def fused_lora_group(
     if not projections:
         raise ValueError("fused_lora_group needs at least one projection.")
     check_projections(x, projections)
-    plan = ProjectionPlan(projections, training)
+    plan = ProjectionPlan(projections, training, runtime)
     flat: list[torch.Tensor | None] = []
     for p in projections:
         weight = p.weight if isinstance(p.weight, torch.Tensor) else None
@@ -355,6 +364,7 @@ def fused_lora(
     *,
     dropout: float = 0.0,
     training: bool = True,
+    runtime: KernelRuntime | None = None,
 ) -> torch.Tensor:
     """``x @ weight.T + bias + scaling * dropout(x) @ lora_a.T @ lora_b.T`` with a hand-written backward.
 
@@ -365,12 +375,14 @@ def fused_lora(
         lora_a: ``(r, in)``. lora_b: ``(out, r)``. scaling: the LoRA scale ``s``.
         bias: ``(out,)`` or None; it gets a gradient if it requires one.
         dropout: dropout probability on the adapter's input (only when ``training``).
+        runtime: back-end choice and caches (the default runtime if None).
 
     Example::
 
         y = fused_lora(x, base.weight, layer.lora_A.weight, layer.lora_B.weight, layer.scaling, base.bias)
     """
-    return fused_lora_group(x, [LoRAProjection(weight, bias, lora_a, lora_b, scaling, dropout)], training)[0]
+    projection = LoRAProjection(weight, bias, lora_a, lora_b, scaling, dropout)
+    return fused_lora_group(x, [projection], training, runtime)[0]
 
 
 def lora_reference(

@@ -25,31 +25,24 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 
-from lightning_zenft.kernels._triton import interpret_mode, triton_enabled, triton_module
-
-EpilogueBackend = Literal["auto", "triton", "triton-tma", "torch"]
-_BACKENDS = ("auto", "triton", "triton-tma", "torch")
-_BACKEND: EpilogueBackend = "auto"
-_CHOICE: dict[tuple, str] = {}
-_TMA_FAILED: list[str] = []  # the error of a TMA build that failed here: auto stops trying it
+from lightning_zenft.kernels._triton import interpret_mode, triton_module
+from lightning_zenft.kernels.runtime import EpilogueBackend, KernelRuntime, default_runtime, resolve
 
 
 def set_matmul_backend(backend: EpilogueBackend) -> None:
-    """Pick the back end of :func:`lowrank_matmul` process-wide (see the module docstring).
+    """Pick the back end of :func:`lowrank_matmul` for the default runtime (see the module docstring).
+
+    A :class:`~lightning_zenft.FusedKernels` callback has its own runtime (``FusedKernels(matmul_backend=...)``);
+    it copies the default runtime's back end when fitting starts unless given one.
 
     Example::
 
         set_matmul_backend("torch")   # cuBLAS only, e.g. to measure what the Triton epilogue buys
     """
-    global _BACKEND
-    if backend not in _BACKENDS:
-        raise ValueError(f"matmul backend={backend!r} is not one of {', '.join(map(repr, _BACKENDS))}.")
-    _BACKEND = backend
-    _CHOICE.clear()
+    default_runtime().set_backend(backend)
 
 
 def _torch_path(
@@ -93,8 +86,8 @@ def _triton_path(
     return kernel.lowrank_matmul_triton(x, w, p, q, bias, c0, tma=tma)
 
 
-def _tma_eligible(x: torch.Tensor, w: torch.Tensor) -> bool:
-    if _TMA_FAILED or not triton_module("_matmul_triton").tma_compatible(x, w):
+def _tma_eligible(x: torch.Tensor, w: torch.Tensor, runtime: KernelRuntime) -> bool:
+    if runtime.tma_failed or not triton_module("_matmul_triton").tma_compatible(x, w):
         return False
     return interpret_mode() or torch.cuda.get_device_capability(x.device)[0] >= 9
 
@@ -110,12 +103,12 @@ def _time_ms(fn: object, reps: int = 5) -> float:
     return start.elapsed_time(end) / reps
 
 
-def _fastest(key: tuple, candidates: dict[str, Callable[[], object]]) -> str:
-    """Time every candidate once for ``key`` (first call only) and remember the fastest one's name.
+def _fastest(key: tuple, candidates: dict[str, Callable[[], object]], runtime: KernelRuntime) -> str:
+    """Time every candidate once for ``key`` (first call only) and remember the fastest one's name in ``runtime``.
 
     A ``"tma"`` candidate that raises (a Triton or GPU without TMA support) is dropped for good, with one warning.
     """
-    choice = _CHOICE.get(key)
+    choice = runtime.choices.get(key)
     if choice is None:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return "torch"
@@ -126,10 +119,10 @@ def _fastest(key: tuple, candidates: dict[str, Callable[[], object]]) -> str:
             except Exception as err:  # noqa: BLE001 - only the optional TMA build may fail here
                 if name != "tma":
                     raise
-                _TMA_FAILED.append(f"{type(err).__name__}: {err}")
-                why = f"lowrank_matmul: the TMA GEMM failed here and is not used ({_TMA_FAILED[0]})."
+                runtime.tma_failed.append(f"{type(err).__name__}: {err}")
+                why = f"lowrank_matmul: the TMA GEMM failed here and is not used ({runtime.tma_failed[0]})."
                 warnings.warn(why, stacklevel=3)
-        choice = _CHOICE[key] = min(times, key=times.__getitem__)
+        choice = runtime.choices[key] = min(times, key=times.__getitem__)
     return choice
 
 
@@ -140,21 +133,22 @@ def _choose(
     q: torch.Tensor | None,
     bias: torch.Tensor | None,
     c0: torch.Tensor | None,
+    runtime: KernelRuntime,
 ) -> str:
     """``"torch"``, ``"triton"`` or ``"tma"`` for this call (see the module docstring)."""
-    if _BACKEND == "torch" or not triton_enabled(x, w):
+    if runtime.backend == "torch" or not runtime.use_triton(x, w):
         return "torch"
-    if _BACKEND == "triton-tma":
-        return "tma" if _tma_eligible(x, w) else "triton"
-    if _BACKEND == "triton" or interpret_mode():
+    if runtime.backend == "triton-tma":
+        return "tma" if _tma_eligible(x, w, runtime) else "triton"
+    if runtime.backend == "triton" or interpret_mode():
         return "triton"
     r = 0 if p is None else p.shape[1]
-    tma_ok = _tma_eligible(x, w)
+    tma_ok = _tma_eligible(x, w, runtime)
     layout = (x.stride(1) == 1, w.stride(1) == 1, tma_ok)  # a choice of TMA holds only for operands TMA can read
     key = ("mm", _bucket(x.shape[0]), tuple(w.shape), layout, r, x.dtype, bias is not None, c0 is not None,
            x.device.index)  # fmt: skip
-    if key in _CHOICE:
-        return _CHOICE[key]
+    if key in runtime.choices:
+        return runtime.choices[key]
     scratch = None if c0 is None else c0.clone()  # the torch path accumulates in place: time it on a copy
     candidates = {
         "torch": lambda: _torch_path(x, w, p, q, bias, scratch),  # no re-copy inside the timing: values do not matter
@@ -162,34 +156,29 @@ def _choose(
     }
     if tma_ok:
         candidates["tma"] = lambda: _triton_path(x, w, p, q, bias, c0, tma=True)
-    return _fastest(key, candidates)
+    return _fastest(key, candidates, runtime)
 
 
-def matmul_choices() -> dict[str, str]:
-    """What ``"auto"`` chose so far, per timed shape: ``{"mm M<=8192 (4096, 4096) r=16 ...": "triton", ...}``.
+def matmul_choices(runtime: KernelRuntime | None = None) -> dict[str, str]:
+    """What ``"auto"`` chose so far in ``runtime`` (the default one if None), per timed shape.
+
+    ``FusedKernels`` has its own runtime: ``callback.runtime.choices_report()`` (it logs the tally itself).
 
     Example::
 
-        trainer.fit(module)                 # with FusedKernels on a GPU
-        print(matmul_choices())             # which back end won for each product
+        lowrank_matmul(x, w.t(), p, q)      # on a GPU
+        print(matmul_choices())             # {"mm M<=8192 w(4096, 4096) r=16 bfloat16": "triton", ...}
     """
-    out = {}
-    for key, choice in _CHOICE.items():
-        if key[0] == "mm":
-            _, bucket, w_shape, layout, r, dtype, bias, c0, _ = key
-            extras = ("+bias" if bias else "") + ("+c0" if c0 else "") + (" tma-readable" if layout[2] else "")
-            out[f"mm M<={bucket} w{tuple(w_shape)} r={r} {str(dtype).removeprefix('torch.')}{extras}"] = choice
-        else:
-            _, bucket, n, r, dtype, _ = key
-            out[f"dual M<={bucket} N={n} r={r} {str(dtype).removeprefix('torch.')}"] = choice
-    return out
+    return resolve(runtime).choices_report()
 
 
 def _bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()  # one choice per power-of-two token count
 
 
-def dual_lowrank(dy: torch.Tensor, b: torch.Tensor, xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dual_lowrank(
+    dy: torch.Tensor, b: torch.Tensor, xa: torch.Tensor, runtime: KernelRuntime | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dy @ b, dy.t() @ xa)``: the two products of a LoRA backward that read ``dy``, on the faster back end.
 
     ``dy (M, N)``, ``b (N, R)``, ``xa (M, R)``. The Triton back end (``_dual_triton``) reads ``dy`` once for both;
@@ -211,12 +200,14 @@ def dual_lowrank(dy: torch.Tensor, b: torch.Tensor, xa: torch.Tensor) -> tuple[t
     def triton_fn() -> tuple[torch.Tensor, torch.Tensor]:
         return triton_module("_dual_triton").dual_lowrank_triton(dy, b.to(dy.dtype), xa.to(dy.dtype))
 
-    if _BACKEND == "torch" or not triton_enabled(dy, b, xa):
+    runtime = resolve(runtime)
+    if runtime.backend == "torch" or not runtime.use_triton(dy, b, xa):
         return torch_fn()
-    if _BACKEND in ("triton", "triton-tma") or interpret_mode():
+    if runtime.backend in ("triton", "triton-tma") or interpret_mode():
         return triton_fn()
     key = ("dual", _bucket(dy.shape[0]), dy.shape[1], b.shape[1], dy.dtype, dy.device.index)
-    return triton_fn() if _fastest(key, {"torch": torch_fn, "triton": triton_fn}) == "triton" else torch_fn()
+    chosen = _fastest(key, {"torch": torch_fn, "triton": triton_fn}, runtime)
+    return triton_fn() if chosen == "triton" else torch_fn()
 
 
 def lowrank_matmul(
@@ -226,17 +217,19 @@ def lowrank_matmul(
     q: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     c0: torch.Tensor | None = None,
+    runtime: KernelRuntime | None = None,
 ) -> torch.Tensor:
     """``c0 + x @ w + p @ q + bias`` for 2-D ``x (M, K)``, ``w (K, N)``, ``p (M, R)``, ``q (R, N)``, ``bias (N,)``.
 
     ``w`` may be a transposed view (``weight.t()``): no copy is made. ``c0`` is an accumulator the call may overwrite
-    (the torch path adds into it in place; the Triton path returns a new tensor).
+    (the torch path adds into it in place; the Triton path returns a new tensor). ``runtime`` holds the back-end
+    choice and its cache (the default runtime if None).
     """
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"lowrank_matmul needs x (M, K) and w (K, N); got x {tuple(x.shape)}, w {tuple(w.shape)}.")
     if (p is None) != (q is None):
         raise ValueError("lowrank_matmul needs both p and q for the low-rank term, or neither.")
-    choice = _choose(x, w, p, q, bias, c0)
+    choice = _choose(x, w, p, q, bias, c0, resolve(runtime))
     if choice == "torch":
         return _torch_path(x, w, p, q, bias, c0)
     return _triton_path(x, w, p, q, bias, c0, tma=choice == "tma")

@@ -38,6 +38,7 @@ from lightning_zenft.kernels.lora import (
     project_backward,
     project_forward,
 )
+from lightning_zenft.kernels.runtime import KernelRuntime
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -57,7 +58,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x2 = x  # (M, K): fused_lora_mlp flattens the leading dims outside, so the output is not a view
             (g, u), xa_gu = project_forward(x2, plan_gu, [w_g, w_u], [b_g, b_u], [a_g, a_u], [bb_g, bb_u])
-            h = glu_forward(g, u, act)  # (M, I)
+            h = glu_forward(g, u, act, plan_gu.runtime)  # (M, I)
             (y,), xa_d = project_forward(h, plan_down, [w_d], [b_d], [a_d], [bb_d])  # (M, N)
         needs = ctx.needs_input_grad
         keep_x = needs[7] or needs[11]  # lora_A of gate or up trains
@@ -80,7 +81,7 @@ class LoRAMLPFunction(torch.autograd.Function):
         with torch.autocast(device_type=dy.device.type, enabled=False):
             dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()  # (M, N)
             if ctx.need_h and ctx.recompute_hidden:
-                h = glu_forward(g, u, act)  # (M, I), recomputed
+                h = glu_forward(g, u, act, ctx.plan_gu.runtime)  # (M, I), recomputed
             dh, (ga_d,), (gb_d,), (gbias_d,) = project_backward(
                 h,
                 ctx.plan_down,
@@ -98,7 +99,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             del h
             dx, ga_g, ga_u, gb_g, gb_u, gbias_g, gbias_u = (None,) * 7
             if need_gu:  # else only down's adapter (or bias) trains and x needs no gradient: stop here
-                dg, du = glu_backward(dh, g, u, act)  # (M, I) each
+                dg, du = glu_backward(dh, g, u, act, ctx.plan_gu.runtime)  # (M, I) each
                 del dh
                 dx, (ga_g, ga_u), (gb_g, gb_u), (gbias_g, gbias_u) = project_backward(
                     x2,
@@ -134,6 +135,7 @@ def fused_lora_mlp(
     act: GLUActivation = "silu",
     training: bool = True,
     recompute_hidden: bool = False,
+    runtime: KernelRuntime | None = None,
 ) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` with LoRA on all three projections, in one autograd function.
 
@@ -144,6 +146,7 @@ def fused_lora_mlp(
         training: when False, dropout is off.
         recompute_hidden: do not keep ``act(gate) * up`` for backward; recompute it there (less memory, one more
             elementwise pass).
+        runtime: back-end choice and caches (the default runtime if None).
 
     Example::
 
@@ -161,8 +164,8 @@ def fused_lora_mlp(
         )
     h_probe = x.new_empty((1, inter))
     check_projections(h_probe, [down])
-    plan_gu = ProjectionPlan([gate, up], training)
-    plan_down = ProjectionPlan([down], training)
+    plan_gu = ProjectionPlan([gate, up], training, runtime)
+    plan_down = ProjectionPlan([down], training, runtime)
     flat: list[torch.Tensor | None] = []
     for p in (gate, up, down):
         flat += [p.weight if isinstance(p.weight, torch.Tensor) else None, p.bias, p.lora_a, p.lora_b]

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_zenft.kernels._triton import triton_enabled, triton_module
+from lightning_zenft.kernels._triton import triton_module
+from lightning_zenft.kernels.runtime import KernelRuntime, default_runtime, resolve
 
 # The 16 NF4 levels (QLoRA, appendix E): quantiles of N(0, 1), normalized to [-1, 1], with an exact zero.
 NF4_CODE = (
@@ -49,21 +50,10 @@ NF4_CODE = (
     1.0,
 )
 
-_BUFFERS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-
-def _buffer(numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """A flat scratch tensor of at least ``numel`` values, shared per (device, dtype)."""
-    key = (device, dtype)
-    buf = _BUFFERS.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = _BUFFERS[key] = torch.empty(numel, device=device, dtype=dtype)
-    return buf[:numel]
-
-
-def release_nf4_buffers() -> None:
-    """Free the shared dequantization buffers (they are re-created on the next call)."""
-    _BUFFERS.clear()
+def release_nf4_buffers(runtime: KernelRuntime | None = None) -> None:
+    """Free the dequantization buffers of ``runtime`` (the default one if None); they are re-created on next use."""
+    (default_runtime() if runtime is None else runtime).release_buffers()
 
 
 @dataclass(eq=False)
@@ -78,7 +68,8 @@ class NF4Weight:
         blocksize: weights per scale (64).
         code: the 16 levels (NF4 by default).
         absmax2, code2, blocksize2, offset: the second quantization level of ``absmax``, if any.
-        reuse_buffer: dequantize into the shared buffer (True) or a fresh tensor.
+        reuse_buffer: dequantize into the runtime's shared buffer (True) or a fresh tensor.
+        runtime: whose buffer and Triton switch to use (the default runtime if None).
 
     Example::
 
@@ -97,6 +88,7 @@ class NF4Weight:
     blocksize2: int = 256
     offset: float = 0.0
     reuse_buffer: bool = True
+    runtime: KernelRuntime | None = None
 
     def __post_init__(self) -> None:
         self.shape = (int(self.shape[0]), int(self.shape[1]))
@@ -128,7 +120,9 @@ class NF4Weight:
         return self.packed.device
 
     @classmethod
-    def from_bnb(cls, param: torch.Tensor, dtype: torch.dtype | None = None) -> NF4Weight:
+    def from_bnb(
+        cls, param: torch.Tensor, dtype: torch.dtype | None = None, runtime: KernelRuntime | None = None
+    ) -> NF4Weight:
         """Read a bitsandbytes ``Params4bit`` (NF4, with or without double quantization) without copying it.
 
         Example::
@@ -155,6 +149,7 @@ class NF4Weight:
             code2=state.state2.code.float() if nested else None,
             blocksize2=int(state.state2.blocksize) if nested else 256,
             offset=float(state.offset) if nested else 0.0,
+            runtime=runtime,
         )
 
     def scales(self) -> torch.Tensor:
@@ -169,7 +164,7 @@ class NF4Weight:
         """The dequantized ``(out, in)`` weight, in the shared buffer unless ``reuse_buffer=False``."""
         numel = self.shape[0] * self.shape[1]
         if self.reuse_buffer:
-            out = _buffer(numel, self.device, self.dtype)
+            out = resolve(self.runtime).buffer(numel, self.device, self.dtype)
         else:
             out = torch.empty(numel, device=self.device, dtype=self.dtype)
         return dequantize_nf4(self, out=out).view(self.shape)
@@ -200,7 +195,7 @@ def dequantize_nf4(weight: NF4Weight, out: torch.Tensor | None = None) -> torch.
             f"dequantize_nf4 needs a contiguous {weight.dtype} output of {numel} values; got {out.dtype} "
             f"with {out.numel()} values."
         )
-    if triton_enabled(weight.packed):
+    if resolve(weight.runtime).use_triton(weight.packed):
         kernel = triton_module("_nf4_triton")
         kernel.nf4_dequant_triton(
             weight.packed,

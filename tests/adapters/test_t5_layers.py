@@ -9,7 +9,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from lightning_zenft import LoRAConfig, inject_adapters
 from lightning_zenft.adapters import LoRALinear
-from lightning_zenft.adapters.fused import fuse_lora_layers, unfuse_lora_layers
+from lightning_zenft.fusion import fuse_lora_layers, unfuse_lora_layers
 
 
 def t5(gated: bool) -> T5ForConditionalGeneration:

@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_zenft.adapters import DoRALinear, LoRALinear
-from lightning_zenft.adapters.fused import (
+from lightning_zenft.callbacks.adapters import LoRA
+from lightning_zenft.callbacks.kernels import FusedKernels
+from lightning_zenft.fusion import (
     FusedLoRALinear,
     finalize_shared_inputs,
     fuse_glu_mlps,
@@ -25,9 +27,7 @@ from lightning_zenft.adapters.fused import (
     shared_input_groups,
     unfuse_lora_layers,
 )
-from lightning_zenft.callbacks.adapters import LoRA
-from lightning_zenft.callbacks.kernels import FusedKernels
-from lightning_zenft.kernels.liger import _rms_norm_kind
+from lightning_zenft.fusion.liger import _rms_norm_kind
 
 LLAMA = dict(
     hidden_size=48,
@@ -171,8 +171,8 @@ def test_fallbacks_are_named_in_warnings() -> None:
 
 def test_dora_model_fused_matches_unfused() -> None:
     """DoRA on every projection (no dropout): each layer runs the fused DoRA kernel; loss, every gradient equal."""
-    from lightning_zenft.adapters.fused_dora import FusedDoRALinear
     from lightning_zenft.config import LoRAConfig
+    from lightning_zenft.fusion import FusedDoRALinear
     from lightning_zenft.inject import inject_adapters
 
     ids = torch.randint(0, LLAMA["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(4))
@@ -293,7 +293,7 @@ LIGER_SCRIPT = textwrap.dedent(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from lightning_zenft.adapters import LoRALinear
-    from lightning_zenft.kernels.liger import apply_liger, restore_liger
+    from lightning_zenft.fusion import apply_liger, restore_liger
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**json.loads(os.environ["LLAMA"]) | {"num_hidden_layers": 1}))
     for p in model.parameters():

@@ -132,8 +132,7 @@ def test_fused_kernels_callback_with_liger_on_gpu() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_zenft.adapters import LoRALinear
-    from lightning_zenft.adapters.fused import fuse_lora_layers
-    from lightning_zenft.kernels.liger import apply_liger, restore_liger
+    from lightning_zenft.fusion import apply_liger, fuse_lora_layers, restore_liger
 
     torch.manual_seed(0)
     cfg = LlamaConfig(

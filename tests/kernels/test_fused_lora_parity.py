@@ -18,6 +18,7 @@ from lightning_zenft.kernels import (
     lowrank_matmul,
 )
 from lightning_zenft.kernels.lora import ProjectionPlan
+from lightning_zenft.kernels.runtime import KernelRuntime, default_runtime
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -264,19 +265,19 @@ def test_auto_backend_keeps_the_fastest_per_key(monkeypatch: pytest.MonkeyPatch)
         raise RuntimeError("no TMA here")
 
     monkeypatch.setattr(matmul, "_time_ms", fake_time)
-    monkeypatch.setattr(matmul, "_CHOICE", {})
-    monkeypatch.setattr(matmul, "_TMA_FAILED", [])
+    rt = KernelRuntime()
     two = {"torch": lambda: "torch", "triton": lambda: "triton"}
-    assert matmul._fastest(("k", 1), two) == "triton"
+    assert matmul._fastest(("k", 1), two, rt) == "triton"
     times.update(torch=0.1)
-    assert matmul._fastest(("k", 1), two) == "triton"  # cached
+    assert matmul._fastest(("k", 1), two, rt) == "triton"  # cached
     assert timed == ["torch", "triton"]
-    assert matmul._fastest(("k", 2), two | {"tma": lambda: "tma"}) == "torch"  # a new key is timed
+    assert matmul._fastest(("k", 2), two | {"tma": lambda: "tma"}, rt) == "torch"  # a new key is timed
     with pytest.warns(UserWarning, match="TMA GEMM failed here and is not used .RuntimeError: no TMA here"):
-        assert matmul._fastest(("k", 3), two | {"tma": broken}) == "torch"
-    assert matmul._TMA_FAILED and not matmul._tma_eligible(torch.zeros(16, 16), torch.zeros(16, 16))
+        assert matmul._fastest(("k", 3), two | {"tma": broken}, rt) == "torch"
+    assert rt.tma_failed and not matmul._tma_eligible(torch.zeros(16, 16), torch.zeros(16, 16), rt)
+    assert not default_runtime().choices  # the runtime passed in holds the choices, not the default one
     with pytest.raises(RuntimeError, match="no TMA here"):
-        matmul._fastest(("k", 4), {"torch": broken})
+        matmul._fastest(("k", 4), {"torch": broken}, rt)
 
 
 def test_mlp_backward_stops_at_down_when_nothing_upstream_trains(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -310,12 +311,12 @@ def test_tma_gemm_matches_the_reference(triton_on: None, dtype: torch.dtype, mon
     """The TMA variant of the epilogue GEMM: every term, both weight layouts, odd M and N, and the backward through it;
     operands TMA cannot fetch (rows not a multiple of 16 bytes) fall back to the pointer kernel."""
     from lightning_zenft.kernels import _matmul_triton as mm
-    from lightning_zenft.kernels import matmul, set_matmul_backend
+    from lightning_zenft.kernels import set_matmul_backend
 
     launches: list[bool] = []
     original = mm._launch_tma
     monkeypatch.setattr(mm, "_launch_tma", lambda *a: launches.append(True) or original(*a))
-    monkeypatch.setattr(matmul, "_TMA_FAILED", [])
+    monkeypatch.setattr(default_runtime(), "tma_failed", [])
     set_matmul_backend("triton-tma")
     try:
         torch.manual_seed(11)
@@ -345,13 +346,13 @@ def test_tma_gemm_matches_the_reference(triton_on: None, dtype: torch.dtype, mon
 
 
 def test_matmul_choices_names_each_timed_product(monkeypatch: pytest.MonkeyPatch) -> None:
-    from lightning_zenft.kernels import matmul, matmul_choices
+    from lightning_zenft.kernels import matmul_choices
 
     choices = {
         ("mm", 8192, (4096, 14336), (True, False, True), 16, torch.bfloat16, True, False, 0): "tma",
         ("dual", 8192, 14336, 16, torch.bfloat16, 0): "torch",
     }
-    monkeypatch.setattr(matmul, "_CHOICE", choices)
+    monkeypatch.setattr(default_runtime(), "choices", choices)
     assert matmul_choices() == {
         "mm M<=8192 w(4096, 14336) r=16 bfloat16+bias tma-readable": "tma",
         "dual M<=8192 N=14336 r=16 bfloat16": "torch",

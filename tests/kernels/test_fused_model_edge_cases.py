@@ -23,7 +23,8 @@ from zenft_testing import TinyLM, make_trainer, tiny_model, token_batch
 import lightning_zenft.kernels.lora as kernels_lora
 from lightning_zenft import LoRA, LoRAConfig, disable_adapters, inject_adapters, merge_adapters, unmerge_adapters
 from lightning_zenft.adapters import LoRALinear
-from lightning_zenft.adapters.fused import (
+from lightning_zenft.callbacks.kernels import FusedKernels
+from lightning_zenft.fusion import (
     FusedLoRALinear,
     finalize_shared_inputs,
     fuse_glu_mlps,
@@ -31,7 +32,6 @@ from lightning_zenft.adapters.fused import (
     shared_input_groups,
     unfuse_lora_layers,
 )
-from lightning_zenft.callbacks.kernels import FusedKernels
 from lightning_zenft.kernels.lora import ProjectionPlan, dropout_mask
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "phi", "gpt2"]
@@ -113,8 +113,8 @@ def pin_seeds(monkeypatch: pytest.MonkeyPatch) -> Callable[[nn.Module, nn.Module
     seeds: dict[int, int] = {}
     init = ProjectionPlan.__init__
 
-    def pinned_init(self: ProjectionPlan, projections: list, training: bool) -> None:
-        init(self, projections, training)
+    def pinned_init(self: ProjectionPlan, projections: list, training: bool, runtime: object = None) -> None:
+        init(self, projections, training, runtime)
         self.seeds = [
             None if d == 0 else seeds.get(id(p.lora_a), 0) for p, d in zip(projections, self.dropouts, strict=True)
         ]
@@ -615,7 +615,7 @@ def test_dora_with_dropout_fused_matches_unfused_with_the_same_masks(
     """DoRA on every projection with dropout: each layer runs the fused DoRA function (a second base product for the
     dropped-out part), with the unfused DoRALinear's loss and every gradient, magnitude included."""
     from lightning_zenft.adapters import DoRALinear
-    from lightning_zenft.adapters.fused_dora import FusedDoRALinear
+    from lightning_zenft.fusion import FusedDoRALinear
 
     model = no_model_dropout(adapted("llama", use_dora=True, dropout=0.2)).train()
     with torch.no_grad():

@@ -27,11 +27,10 @@ import lightning_zenft.kernels.lora as kernels_lora
 import lightning_zenft.kernels.matmul as mm
 from lightning_zenft import LoRAConfig, inject_adapters
 from lightning_zenft.adapters import DoRALinear, LoRALinear
-from lightning_zenft.adapters.fused import fuse_lora_layers, unfuse_lora_layers
-from lightning_zenft.adapters.fused_dora import FusedDoRALinear
 from lightning_zenft.callbacks.adapters import DoRA
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.callbacks.kernels import FusedKernels
+from lightning_zenft.fusion import FusedDoRALinear, fuse_lora_layers, unfuse_lora_layers
 from lightning_zenft.inject import count_parameters
 from lightning_zenft.io import load_adapter, save_adapter
 from lightning_zenft.kernels import (
@@ -46,6 +45,7 @@ from lightning_zenft.kernels import (
     set_matmul_backend,
 )
 from lightning_zenft.kernels._triton import interpret_mode, triton_installed, triton_module
+from lightning_zenft.kernels.runtime import default_runtime
 
 SEED = 4321  # the dropout seed every fused plan draws in the tests that pin it
 NO_LIGER = {"rms_norm": False, "rope": False, "fused_linear_cross_entropy": False}
@@ -419,13 +419,13 @@ def test_trainer_save_adapter_with_fused_dora(tmp_path: Any) -> None:
 def test_fused_cross_entropy_is_not_applied_to_a_dora_head() -> None:
     """The fused cross-entropy computes ``head(x)`` as plain LoRA; a DoRA head (magnitude, norm) keeps the model's own
     loss, and the warning says why."""
-    from lightning_zenft.kernels.liger import apply_liger, restore_liger
+    from lightning_zenft.fusion import apply_liger, restore_liger
 
     model = tiny_model("llama")
     for p in model.parameters():
         p.requires_grad_(False)
     model.lm_head = DoRALinear(model.lm_head, r=2, alpha=4)
-    with pytest.warns(UserWarning, match="output head is a DoRA layer"):
+    with pytest.warns(UserWarning, match="output head is a DoRALinear"):
         patches = apply_liger(model, rms_norm=False, rope=False, fused_linear_cross_entropy=True)
     try:
         assert not patches.forwards and "forward" not in model.__dict__
@@ -464,7 +464,7 @@ def test_tma_gemm_matches_plain_product(triton_on: None, restore_backend: None, 
     c0 = torch.randn(m, n).to(dtype) if with_c0 else None
     assert triton_module("_matmul_triton").tma_compatible(x, w)
     set_matmul_backend("triton-tma")
-    assert mm._choose(x, w, p, q, bias, c0) == "tma"
+    assert mm._choose(x, w, p, q, bias, c0, default_runtime()) == "tma"
     got = lowrank_matmul(x, w, p, q, bias, None if c0 is None else c0.clone())
     want = plain_matmul(x, w, p, q, bias, c0)
     assert got.dtype == dtype and got.shape == (m, n)
@@ -496,7 +496,7 @@ def test_tma_falls_back_for_incompatible_operands(triton_on: None, restore_backe
     }
     for what, (x, w) in cases.items():
         assert not tma_compatible(x, w), what
-        assert mm._choose(x, w, None, None, None, None) == "triton", what
+        assert mm._choose(x, w, None, None, None, None, default_runtime()) == "triton", what
         close(lowrank_matmul(x, w), plain_matmul(x, w, None, None, None, None), torch.float32, what)
 
 
@@ -512,10 +512,10 @@ def test_set_matmul_backend_validates_and_resets_choices(restore_backend: None) 
     for bad in ("TRITON", "tma", "cublas", ""):
         with pytest.raises(ValueError, match="is not one of"):
             set_matmul_backend(bad)  # type: ignore[arg-type]
-    assert mm._BACKEND == "auto"
-    mm._CHOICE[("stale",)] = "tma"
+    assert default_runtime().backend == "auto"
+    default_runtime().choices[("stale",)] = "tma"
     set_matmul_backend("triton-tma")
-    assert mm._BACKEND == "triton-tma" and not mm._CHOICE
+    assert default_runtime().backend == "triton-tma" and not default_runtime().choices
 
 
 @pytest.fixture
@@ -528,7 +528,7 @@ def fake_cuda_auto(monkeypatch: pytest.MonkeyPatch, triton_on: None, restore_bac
         pytest.skip("drives auto's timing path with the interpreter on CPU")
     monkeypatch.setattr(mm, "interpret_mode", lambda: False)  # only the matmul module's view of it
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0))
-    monkeypatch.setattr(mm, "_TMA_FAILED", [])
+    monkeypatch.setattr(default_runtime(), "tma_failed", [])
     timed: list[str] = []
     scripted = {0: 3.0, 1: 2.0, 2: 1.0}
 
@@ -559,19 +559,20 @@ def test_fastest_drops_a_failing_tma_candidate(fake_cuda_auto: list[str], monkey
         return fn
 
     monkeypatch.setattr(mm, "_time_ms", lambda fn, reps=5: (fn(), times.get(fn.__name__, 0.5))[1])
+    rt = default_runtime()
     with pytest.warns(UserWarning, match="TMA GEMM failed here"):
-        choice = mm._fastest(("k",), {n: candidate(n) for n in ("torch", "triton", "tma")})
-    assert choice == "triton" and mm._CHOICE[("k",)] == "triton" and ran == ["torch", "triton", "tma"]
-    assert mm._TMA_FAILED and not mm._tma_eligible(torch.randn(16, 16), torch.randn(16, 16))
-    assert mm._fastest(("k",), {}) == "triton"  # cached: nothing timed again
+        choice = mm._fastest(("k",), {n: candidate(n) for n in ("torch", "triton", "tma")}, rt)
+    assert choice == "triton" and rt.choices[("k",)] == "triton" and ran == ["torch", "triton", "tma"]
+    assert rt.tma_failed and not mm._tma_eligible(torch.randn(16, 16), torch.randn(16, 16), rt)
+    assert mm._fastest(("k",), {}, rt) == "triton"  # cached: nothing timed again
     with pytest.raises(ValueError, match="a real bug"):
-        mm._fastest(("k2",), {"torch": candidate("torch"), "broken": candidate("broken")})
+        mm._fastest(("k2",), {"torch": candidate("torch"), "broken": candidate("broken")}, rt)
 
 
 def test_auto_times_three_back_ends_once_per_shape(fake_cuda_auto: list[str]) -> None:
     torch.manual_seed(10)
     x, w = torch.randn(32, 16), torch.randn(16, 16).t()
-    assert mm._choose(x, w, None, None, None, None) == "tma"
+    assert mm._choose(x, w, None, None, None, None, default_runtime()) == "tma"
     assert len(fake_cuda_auto) == 3
     close(lowrank_matmul(x, w), plain_matmul(x, w, None, None, None, None), torch.float32, "auto -> tma")
     assert len(fake_cuda_auto) == 3  # cached: no second timing for the same shape
@@ -580,7 +581,7 @@ def test_auto_times_three_back_ends_once_per_shape(fake_cuda_auto: list[str]) ->
 def test_auto_does_not_reuse_tma_for_an_incompatible_operand(fake_cuda_auto: list[str]) -> None:
     torch.manual_seed(11)
     w = torch.randn(16, 16).t()
-    assert mm._choose(torch.randn(32, 16), w, None, None, None, None) == "tma"
+    assert mm._choose(torch.randn(32, 16), w, None, None, None, None, default_runtime()) == "tma"
     x = torch.randn(32, 17)[:, 1:]  # same shape and layout key, base 4 bytes off
     assert not triton_module("_matmul_triton").tma_compatible(x, w)
     close(lowrank_matmul(x, w), plain_matmul(x, w, None, None, None, None), torch.float32, "misaligned x")
@@ -588,8 +589,8 @@ def test_auto_does_not_reuse_tma_for_an_incompatible_operand(fake_cuda_auto: lis
 
 def test_auto_does_not_copy_the_accumulator_once_chosen(fake_cuda_auto: list[str]) -> None:
     x, w, c0 = torch.randn(32, 16), torch.randn(16, 16).t(), torch.randn(32, 16)
-    mm._choose(x, w, None, None, None, c0)  # times once
-    ops = counted_ops(lambda: mm._choose(x, w, None, None, None, c0))
+    mm._choose(x, w, None, None, None, c0, default_runtime())  # times once
+    ops = counted_ops(lambda: mm._choose(x, w, None, None, None, c0, default_runtime()))
     assert "aten.clone.default" not in ops, ops
 
 
@@ -801,7 +802,7 @@ def test_lora_weight_property_is_not_a_parameter_anywhere() -> None:
 
 
 def test_lora_layers_are_not_taken_for_norms_or_counted_twice() -> None:
-    from lightning_zenft.kernels.liger import _rms_norm_kind
+    from lightning_zenft.fusion.liger import _rms_norm_kind
 
     head = LoRALinear(nn.Linear(8, 8), r=2, alpha=4)
     assert _rms_norm_kind(head) is None

@@ -192,7 +192,7 @@ def test_bad_arguments_are_named():
 def test_estimate_with_fused_kernels_matches_measured(tmp_path_factory, key, targets, dropout, recompute):
     """``fused_kernels=True``: the bytes FusedKernels' functions save (one input per group, seeds instead of masks,
     the fused MLP without act(gate)), against the same measurement."""
-    from lightning_zenft.adapters.fused import finalize_shared_inputs, fuse_lora_layers
+    from lightning_zenft.fusion import finalize_shared_inputs, fuse_lora_layers
 
     directory, model, ids = build(tmp_path_factory, key)
     add_low_rank(model, 4, targets, dropout)
