@@ -143,8 +143,8 @@ def run_ours(mode: str, args: argparse.Namespace, device: torch.device) -> dict:
     """Ours as users run it: a Lightning Trainer with the LoRA (and FusedKernels) callbacks."""
     import lightning as L
 
-    from lightning_zenft.callbacks.adapters import DoRA, LoRA
     from lightning_zenft.callbacks.kernels import FusedKernels
+    from lightning_zenft.callbacks.lora import DoRA, LoRA
 
     quantized = args.quant == "nf4"
     times: list[float] = []

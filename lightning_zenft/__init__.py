@@ -12,12 +12,20 @@ from lightning_zenft.adapters import (
     merge_adapters,
     unmerge_adapters,
 )
-from lightning_zenft.callbacks.adapters import DoRA, LoRA, trainable_parameters
+from lightning_zenft.callbacks._adapter import AdapterCallback, trainable_parameters
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.callbacks.kernels import FusedKernels
-from lightning_zenft.config import LoRAConfig
+from lightning_zenft.callbacks.lora import DoRA, LoRA
+from lightning_zenft.config import AdapterConfig, LoRAConfig
 from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
-from lightning_zenft.inject import count_parameters, inject_adapters, match_targets, unload_adapters
+from lightning_zenft.inject import (
+    AdapterPlan,
+    count_parameters,
+    inject_adapters,
+    match_targets,
+    plan_adapters,
+    unload_adapters,
+)
 from lightning_zenft.io import load_adapter, save_adapter
 from lightning_zenft.lm import CausalLMModule
 from lightning_zenft.planning import (
@@ -37,7 +45,10 @@ __all__ = [
     "CausalLMModule",
     "TextDataModule",
     "general_probe_batches",
+    "AdapterCallback",
+    "AdapterConfig",
     "AdapterModule",
+    "AdapterPlan",
     "DoRA",
     "DoRALinear",
     "FusedKernels",
@@ -57,6 +68,7 @@ __all__ = [
     "lr_find_from_recommendation",
     "match_targets",
     "merge_adapters",
+    "plan_adapters",
     "recommend",
     "resolve_lora_rank_auto",
     "SaveAdapter",

@@ -1,4 +1,9 @@
-"""Target selection and the swap of base layers for adapter layers: the one place a config becomes modules.
+"""The plan of an adapter config on a model, and the swap of modules for adapter modules: the one place a config
+becomes modules.
+
+:func:`plan_adapters` turns a config and a model into an :class:`AdapterPlan`: which modules, with which per-layer
+values. The swap (:func:`inject_adapters`), the resume path of the adapter callbacks and the PEFT file loader all use
+it, so per-layer values are worked out once.
 
 Target syntax (``target_modules`` / ``exclude_modules``):
 
@@ -17,14 +22,19 @@ is a regex), e.g. ``{"o_proj": 8, r"layers\\.0\\..*": 4}``.
 
 from __future__ import annotations
 
+import math
 import re
+import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
-from lightning_zenft.adapters import AdapterModule, DoRALinear, LoRALinear, find_adapters
+from lightning_zenft.adapters import AdapterModule, Mergeable, Wrapping, find_adapters, merge_adapters
 from lightning_zenft.adapters._base import is_adaptable_linear
-from lightning_zenft.config import PRESETS, LoRAConfig
+from lightning_zenft.config import PRESETS, AdapterConfig, pattern_value
+from lightning_zenft.registry import Method, method_for_config, method_for_module
 
 _ATTENTION_HINTS = ("attn", "attention")
 _MLP_SEGMENTS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "output", "block_sparse_moe", "experts")
@@ -40,9 +50,19 @@ def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]
             yield from _walk(child, full)
 
 
-def linear_layer_names(model: nn.Module) -> list[str]:
-    """Names of every ``nn.Linear``/``Conv1D`` in ``model`` that is not already part of an adapter."""
-    return [name for name, m in _walk(model) if is_adaptable_linear(m) and not isinstance(m, AdapterModule)]
+def linear_layer_names(model: nn.Module, include_adapted: bool = False) -> list[str]:
+    """Names of every ``nn.Linear``/``Conv1D`` in ``model`` that is not part of an adapter.
+
+    ``include_adapted``: also name the adapter layers that wrap one (at the position of the layer they wrap).
+    """
+    names = []
+    for name, m in _walk(model):
+        if isinstance(m, AdapterModule):
+            if include_adapted and isinstance(m, Wrapping) and is_adaptable_linear(m.base_layer):
+                names.append(name)
+        elif is_adaptable_linear(m):
+            names.append(name)
+    return names
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -87,14 +107,19 @@ def _describe(names: Sequence[str]) -> str:
 
 
 def match_targets(
-    model: nn.Module, target_modules: str | Sequence[str], exclude_modules: str | Sequence[str] | None = None
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    exclude_modules: str | Sequence[str] | None = None,
+    include_adapted: bool = False,
 ) -> list[str]:
     """Resolve a target spec to the full names of the linear layers it selects, in module order.
+
+    ``include_adapted``: layers already wrapped by an adapter count at their position (to plan on an adapted model).
 
     Raises:
         ValueError: when nothing matches; the message lists the linear layers that do exist.
     """
-    names = linear_layer_names(model)
+    names = linear_layer_names(model, include_adapted)
     if not names:
         raise ValueError(
             f"{type(model).__name__} has no torch.nn.Linear or transformers Conv1D layers to adapt. If the model is "
@@ -119,34 +144,132 @@ def match_targets(
     return selected
 
 
-def pattern_value(name: str, patterns: dict[str, int] | dict[str, float], default: float) -> float:
-    """The value of the first key in ``patterns`` whose regex matches the end of ``name`` on a dot boundary."""
-    for key, value in patterns.items():
-        if re.fullmatch(rf"(?:.*\.)?(?:{key})", name):
-            return value
-    return default
+@dataclass
+class LayerPlan:
+    """One module of a plan: its full name and the keyword arguments its adapter module is built with."""
+
+    name: str
+    kwargs: dict[str, Any]
 
 
-def inject_adapters(model: nn.Module, config: LoRAConfig, *, initialize: bool = True) -> list[str]:
-    """Swap every target layer of ``model`` for a LoRA (or DoRA) layer wrapping it; returns the adapted names.
+@dataclass
+class AdapterPlan:
+    """Which modules of a model a config adapts, with which per-layer values.
 
-    Only the adapter parameters are left trainable (see :func:`set_trainable`). ``initialize=False`` skips PiSSA's SVD
-    (used when weights are loaded right after).
+    Example::
+
+        plan = plan_adapters(model, LoRAConfig(r=8, rank_pattern={"o_proj": 4}))
+        [(layer.name, layer.kwargs["r"]) for layer in plan.layers]
+    """
+
+    method: Method
+    config: AdapterConfig
+    layers: list[LayerPlan] = field(default_factory=list)
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def mismatches(self, model: nn.Module) -> list[str]:
+        """How the adapters already in ``model`` differ from this plan (empty when they are exactly what it makes).
+
+        Compares the set of adapted modules, the method, and the per-layer settings that change what the trained
+        tensors mean (``config.identity_keys``: rank, alpha, scaling and variant for LoRA).
+        """
+        existing = dict(find_adapters(model))
+        problems = []
+        missing = [n for n in self.names if n not in existing]
+        extra = [n for n in existing if n not in set(self.names)]
+        if missing:
+            problems.append(f"{len(missing)} planned layers have no adapter (e.g. {missing[:3]})")
+        if extra:
+            problems.append(f"{len(extra)} adapted layers are not in the plan (e.g. {extra[:3]})")
+        keys = type(self.config).identity_keys
+        for layer in self.layers:
+            module = existing.get(layer.name)
+            if module is None:
+                continue
+            method = method_for_module(module)
+            if method is not self.method:
+                kind = method.name if method else type(module).__name__
+                problems.append(f"{layer.name} holds a {kind} adapter, not {self.method.name}")
+                continue
+            have = module.settings() if callable(getattr(module, "settings", None)) else {}
+            differ = {k: (have.get(k), layer.kwargs.get(k)) for k in keys}
+            differ = {k: pair for k, pair in differ.items() if not _same(*pair)}
+            if differ:
+                pretty = ", ".join(f"{k}={a!r} (wanted {b!r})" for k, (a, b) in differ.items())
+                problems.append(f"{layer.name}: {pretty}")
+        return problems
+
+
+def _same(a: object, b: object) -> bool:
+    if isinstance(a, float | int) and isinstance(b, float | int) and not isinstance(a, bool):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def plan_adapters(
+    model: nn.Module, config: AdapterConfig, *, initialize: bool = True, include_adapted: bool = False
+) -> AdapterPlan:
+    """The plan of ``config`` on ``model``: the modules its method attaches to, each with its build arguments.
+
+    ``initialize=False`` plans modules whose weights are loaded next (no initialization that rewrites the base).
+    ``include_adapted``: plan on a model that already holds adapters (they count at their positions).
+
+    Raises:
+        ValueError: when nothing matches (the message lists what exists).
+
+    Example::
+
+        plan = plan_adapters(model, LoRAConfig(target_modules="attention"))
+        plan.names             # ['model.layers.0.self_attn.q_proj', ...]
+    """
+    method = method_for_config(config)
+    if method.attaches_to != "linear":
+        raise ValueError(f"method {method.name!r} attaches to {method.attaches_to!r} modules, not planned here yet.")
+    targets = match_targets(model, config.target_modules, config.exclude_modules, include_adapted)
+    plan = AdapterPlan(method, config, [LayerPlan(n, config.layer_kwargs(n, initialize=initialize)) for n in targets])
+    for key, unused in _unused_patterns(config, targets).items():
+        warnings.warn(
+            f"{type(config).__name__}: {key} key {unused!r} matches none of the {len(targets)} adapted layers "
+            f"(e.g. {targets[:2]}); it has no effect. Keys match the end of a layer name on a dot boundary.",
+            stacklevel=3,
+        )
+    return plan
+
+
+def _unused_patterns(config: AdapterConfig, names: list[str]) -> dict[str, list[str]]:
+    """Per-layer pattern keys (``rank_pattern``...) of ``config`` that match none of ``names``."""
+    out = {}
+    for attr in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, attr, None) or {}
+        unused = [key for key in patterns if not any(pattern_value(n, {key: True}, False) for n in names)]
+        if unused:
+            out[attr] = unused
+    return out
+
+
+def inject_adapters(model: nn.Module, config: AdapterConfig, *, initialize: bool = True) -> list[str]:
+    """Swap every target module of ``model`` for the config's adapter module wrapping it; returns the adapted names.
+
+    Only the adapter parameters are left trainable (see :func:`set_trainable`). ``initialize=False`` skips
+    initialization that rewrites the base, such as PiSSA's SVD (used when weights are loaded right after).
 
     Example::
 
         names = inject_adapters(model, LoRAConfig(r=8, target_modules=["q_proj", "v_proj"]))
     """
-    targets = match_targets(model, config.target_modules, config.exclude_modules)
-    layer_cls = DoRALinear if config.use_dora else LoRALinear
-    init = config.init if initialize or config.init != "pissa" else "kaiming"
-    for name in targets:
-        base = model.get_submodule(name)
-        r = int(pattern_value(name, config.rank_pattern, config.r))
-        alpha = float(pattern_value(name, config.alpha_pattern, config.alpha))
-        _replace(model, name, layer_cls(base, r, alpha, config.dropout, config.use_rslora, init))
-    set_trainable(model, config)
-    return targets
+    plan = plan_adapters(model, config, initialize=initialize)
+    apply_plan(model, plan)
+    return plan.names
+
+
+def apply_plan(model: nn.Module, plan: AdapterPlan) -> None:
+    """Build and swap in every module of ``plan``, then set what trains."""
+    for layer in plan.layers:
+        _replace(model, layer.name, plan.method.build(model.get_submodule(layer.name), **layer.kwargs))
+    set_trainable(model, plan.config)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -155,7 +278,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def set_trainable(model: nn.Module, config: LoRAConfig) -> None:
+def set_trainable(model: nn.Module, config: AdapterConfig) -> None:
     """Freeze ``model`` except the adapters, plus the biases/norms/modules the config asks to train."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -168,7 +291,7 @@ def set_trainable(model: nn.Module, config: LoRAConfig) -> None:
                 p.requires_grad_(True)
     elif config.bias == "lora_only":
         for _, layer in find_adapters(model):
-            bias = getattr(layer.base_layer, "bias", None)
+            bias = getattr(layer.base_layer, "bias", None) if isinstance(layer, Wrapping) else None
             if bias is not None:
                 bias.requires_grad_(True)
     if config.trainable_norms:
@@ -191,13 +314,16 @@ def unload_adapters(model: nn.Module, merge: bool = True) -> list[str]:
 
     Returns the names of the layers restored.
     """
+    layers = list(find_adapters(model))
+    if merge:
+        merge_adapters(model)  # refuses adapters that cannot be merged, before anything is changed
     restored = []
-    for name, layer in list(find_adapters(model)):
-        if merge and not layer.merged:
-            layer.merge()
-        elif not merge and layer.merged:
+    for name, layer in layers:
+        if not merge and isinstance(layer, Mergeable) and layer.merged:
             layer.unmerge()
-        _replace(model, name, layer.base_layer)  # type: ignore[attr-defined]
+        if not isinstance(layer, Wrapping):
+            raise TypeError(f"{name}: a {type(layer).__name__} wraps no base layer to put back.")
+        _replace(model, name, layer.base_layer)
         restored.append(name)
     return restored
 

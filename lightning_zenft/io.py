@@ -1,16 +1,20 @@
-"""Adapter files in HF PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Adapter files in HF PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``, for every method the
+registry gives a ``peft_type``.
 
-The format, as PEFT writes it for LoRA/DoRA:
+The format, as PEFT writes it:
 
-* weights keyed ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight`` (``lora_A``: ``(r, in)``,
-  ``lora_B``: ``(out, r)``), DoRA's magnitude as ``...lora_magnitude_vector`` (``(out,)``); trained biases and
-  fully-trained modules under their own path (``...<layer>.base_layer.bias``, ``...<module>.weight``);
-* the config's ``r``/``lora_alpha`` hold the common values and ``rank_pattern``/``alpha_pattern`` the per-layer
-  exceptions; ``use_rslora``/``use_dora`` select the scaling and method; ``fan_in_fan_out`` is set for GPT-2 style
-  ``Conv1D`` layers.
+* weights keyed ``base_model.model.<module path>.<parameter>`` with the adapter module's own parameter names (LoRA:
+  ``lora_A.weight`` ``(r, in)`` and ``lora_B.weight`` ``(out, r)``; DoRA adds ``lora_magnitude_vector.weight``);
+  trained biases and fully-trained modules under their own path (``...<layer>.base_layer.bias``,
+  ``...<module>.weight``);
+* the config's method keys come from the method's config class (:meth:`~lightning_zenft.config.AdapterConfig.
+  peft_config`; for LoRA ``r``/``lora_alpha`` hold the common values and ``rank_pattern``/``alpha_pattern`` the
+  per-layer exceptions), plus the keys every method shares (``peft_type``, ``target_modules``, ``bias``,
+  ``modules_to_save``, ``base_model_name_or_path``...).
 
-Our layers use the same module structure (``base_layer``, ``lora_A``, ``lora_B``), so a key maps to a parameter by
-stripping the ``base_model.model.`` prefix. Only safetensors are read: nothing is ever unpickled.
+Our modules use PEFT's module structure (``base_layer``, ``lora_A``, ``lora_B``), so a key maps to a parameter by
+stripping the ``base_model.model.`` prefix. Only safetensors are read: nothing is ever unpickled. Files are written
+atomically (a temporary file, then a rename), so an interrupted save leaves the previous file whole.
 
 Example::
 
@@ -21,37 +25,25 @@ Example::
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections import Counter
+import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_zenft.adapters import DoRALinear, LoRALinear, adapter_parameter_names, find_adapters
-from lightning_zenft.adapters._base import is_conv1d
-from lightning_zenft.config import LoRAConfig
-from lightning_zenft.inject import inject_adapters, pattern_value
+from lightning_zenft.adapters import adapter_parameter_names, find_adapters
+from lightning_zenft.config import AdapterConfig
+from lightning_zenft.inject import AdapterPlan, apply_plan, plan_adapters
+from lightning_zenft.registry import Method, method_for_module, method_for_peft_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
-
-# PEFT options that change what a file means and that this loader does not implement: refused, never ignored.
-_UNSUPPORTED = (
-    "layers_to_transform",
-    "layer_replication",
-    "target_parameters",
-    "trainable_token_indices",
-    "use_qalora",
-    "lora_bias",
-    "alora_invocation_tokens",
-    "use_bdlora",
-    "megatron_config",
-)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -62,22 +54,11 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _export_factors(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, int, float]:
-    """``(A, B, r, alpha)`` describing the layer's change relative to the ORIGINAL base weight.
-
-    A PiSSA layer's base holds ``W - s B0 A0``; relative to ``W`` its update is ``s (B A - B0 A0)``, a rank-``2r``
-    LoRA ``[B, -B0] [A; A0]`` with the same scaling (so ``alpha`` is rescaled for the doubled rank).
-    """
-    a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
-    if layer.pissa_A0 is None:
-        return a, b, layer.r, layer.alpha
-    a = torch.cat([a, layer.pissa_A0], dim=0)  # (2r, in)
-    b = torch.cat([b, -layer.pissa_B0], dim=1)  # (out, 2r)
-    r = 2 * layer.r
-    alpha = layer.scaling * (math.sqrt(r) if layer.use_rslora else r)
-    return a, b, r, alpha
+def _name_or_path(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
+# ---------------------------------------------------------------------------------------------------- save
 def save_adapter(model: nn.Module, save_directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write the adapters of ``model`` (and any other trained parameters) in PEFT's format; returns the directory.
 
@@ -94,26 +75,14 @@ def save_adapter(model: nn.Module, save_directory: str | Path, base_model_name_o
             f"{type(model).__name__} holds no adapter layers to save. Add the LoRA callback to the Trainer (or call "
             "lightning_zenft.inject_adapters) before saving, and pass the model the adapters were injected into."
         )
-    unknown = sorted({type(layer).__name__ for _, layer in layers if not isinstance(layer, LoRALinear)})
-    if unknown:
-        raise ValueError(f"PEFT's LoRA format holds LoRA and DoRA layers; this model also has {unknown}.")
-    kinds = {DoRALinear if isinstance(layer, DoRALinear) else LoRALinear for _, layer in layers}  # fused ones too
-    if len(kinds) > 1:
-        raise ValueError(f"one adapter file holds one method; this model mixes {sorted(k.__name__ for k in kinds)}.")
-    rslora = {layer.use_rslora for _, layer in layers}
-    if len(rslora) > 1:
-        raise ValueError("the adapters mix rsLoRA and plain scaling; PEFT's format has one `use_rslora` per file.")
-
+    method = _one_method(layers)
+    if method.peft_type is None:
+        raise ValueError(f"HF PEFT has no file format for the {method.name!r} method of this model's adapters.")
     tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
+    settings: dict[str, dict[str, Any]] = {}
     for name, layer in layers:
-        a, b, r, alpha = _export_factors(layer)
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = a
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = b
-        if isinstance(layer, DoRALinear):
-            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
-        ranks[name], alphas[name] = r, alpha
+        own, settings[name] = layer.peft_export()  # type: ignore[attr-defined]
+        tensors.update({f"{PREFIX}{name}.{key}": value for key, value in own.items()})
 
     adapter_names = set(adapter_parameter_names(model))
     extra = {n: p for n, p in model.named_parameters() if p.requires_grad and n not in adapter_names}
@@ -124,44 +93,54 @@ def save_adapter(model: nn.Module, save_directory: str | Path, base_model_name_o
         for pname, p in model.get_submodule(module_name).named_parameters():
             tensors[f"{PREFIX}{module_name}.{pname}"] = p.detach()
 
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
     config = {
-        "peft_type": "LORA",
+        "peft_type": method.peft_type,
         "task_type": "CAUSAL_LM" if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else None,
-        "base_model_name_or_path": base_model_name_or_path
-        or getattr(getattr(model, "config", None), "_name_or_path", None)
-        or None,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": Counter(_dropout(layer) for _, layer in layers).most_common(1)[0][0],
+        "base_model_name_or_path": base_model_name_or_path or _name_or_path(model),
         "target_modules": [name for name, _ in layers],
         "exclude_modules": None,
-        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
-        "use_rslora": rslora.pop(),
-        "use_dora": DoRALinear in kinds,
-        "fan_in_fan_out": any(is_conv1d(layer.base_layer) for _, layer in layers),
         "bias": bias,
         "modules_to_save": modules_to_save or None,
-        "init_lora_weights": True,
         "layers_to_transform": None,
         "layers_pattern": None,
         "inference_mode": True,
+        **method.config_cls.peft_config(settings),
     }
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
-    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    _write_atomically(out / WEIGHTS_NAME, lambda path: save_file(_contiguous(tensors), path, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_atomically(out / CONFIG_NAME, lambda path: Path(path).write_text(text))
     return out
 
 
-def _name_or_path(model: nn.Module) -> str | None:
-    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
+def _one_method(layers: list[tuple[str, nn.Module]]) -> Method:
+    found: dict[str, Method] = {}
+    for name, layer in layers:
+        method = method_for_module(layer)
+        if method is None:
+            why = "no registered method makes it"
+            raise ValueError(f"{name} is a {type(layer).__name__}: {why}, so it cannot be saved in PEFT's format.")
+        found[method.name] = method
+    if len(found) > 1:
+        raise ValueError(f"one adapter file holds one method; this model mixes {sorted(found)}.")
+    return next(iter(found.values()))
 
 
-def _dropout(layer: LoRALinear) -> float:
-    return float(layer.lora_dropout.p) if isinstance(layer.lora_dropout, nn.Dropout) else 0.0
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+def _write_atomically(path: Path, write: Any) -> None:
+    """``write(tmp_path)`` to a temporary file in ``path``'s directory, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _describe_extras(model: nn.Module, extra: dict[str, nn.Parameter], adapted: list[str]) -> tuple[str, list[str]]:
@@ -180,15 +159,24 @@ def _describe_extras(model: nn.Module, extra: dict[str, nn.Parameter], adapted: 
     return bias, modules
 
 
+# ---------------------------------------------------------------------------------------------------- load
 def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     """The parsed ``adapter_config.json`` of an adapter directory, with a clear error when it is not one."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    config = json.loads(path.read_text())
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type={config.get('peft_type')!r}; only LORA adapters (incl. DoRA) load here.")
-    bad = {k: config[k] for k in _UNSUPPORTED if config.get(k) not in (None, False, [], {}, "", "megatron.core")}
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-save the adapter or fix the file.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not the object of an adapter config.")
+    method = method_for_peft_type(config.get("peft_type"), path)
+    bad = {
+        k: config[k]
+        for k in method.config_cls.peft_unsupported
+        if config.get(k) not in (None, False, [], {}, "", "megatron.core")
+    }
     if bad:
         raise ValueError(f"{path} uses options this loader does not implement: {bad}. Re-save without them.")
     if config.get("target_modules") in (None, [], ""):
@@ -196,41 +184,47 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     return config
 
 
-def config_from_peft(config: dict[str, Any]) -> LoRAConfig:
-    """A :class:`LoRAConfig` equivalent to a PEFT LoRA config dict."""
-    targets = config["target_modules"]
-    return LoRAConfig(
-        r=int(config.get("r", 8)),
-        alpha=float(config.get("lora_alpha", 8)),
-        dropout=float(config.get("lora_dropout", 0.0)),
-        target_modules=targets if isinstance(targets, str) else list(targets),
-        exclude_modules=config.get("exclude_modules"),
-        use_rslora=bool(config.get("use_rslora", False)),
-        use_dora=bool(config.get("use_dora", False)),
-        rank_pattern={k: int(v) for k, v in (config.get("rank_pattern") or {}).items()},
-        alpha_pattern={k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
-    )
+def config_from_peft(config: dict[str, Any]) -> AdapterConfig:
+    """The config (of the right method) equivalent to a PEFT ``adapter_config.json`` dict."""
+    return method_for_peft_type(config.get("peft_type")).config_cls.from_peft(config)
+
+
+def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of an ``adapter_model.safetensors``; a clear error naming the file when it is corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (only safetensors adapter files are read).")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupt: re-save the adapter."
+        ) from None
 
 
 def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
-    """Load a PEFT-format LoRA/DoRA/rsLoRA adapter into ``model``; returns the adapted layer names.
+    """Load a PEFT-format adapter into ``model``; returns the adapted layer names.
 
-    A model without adapters gets them injected as the file's config says; a model that has adapters must have
-    exactly the file's layers, ranks and method. Every tensor is checked: a missing, unexpected or misshapen one
-    raises an error naming it.
+    A model without adapters gets them injected as the file's config says; a model that has adapters must hold
+    exactly the file's layers, method and per-layer settings (else: an error saying to unload them first). Every
+    tensor is checked: a missing, unexpected or misshapen one raises an error naming it.
     """
     model = _unwrap(model)
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights_path = directory / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path} does not exist (only safetensors adapter files are read).")
-    lora_config = config_from_peft(config)
-    if not any(True for _ in find_adapters(model)):
-        inject_adapters(model, lora_config, initialize=False)
-    _check_layers(model, lora_config, config)
+    state_raw = read_adapter_weights(weights_path)
+    adapter_config = config_from_peft(config)
+    _warn_other_base(model, config, directory)
+    has_adapters = any(True for _ in find_adapters(model))
+    plan = plan_adapters(model, adapter_config, initialize=False, include_adapted=has_adapters)
+    if has_adapters:
+        _check_existing(model, plan, directory)
+    else:
+        apply_plan(model, plan)
 
-    state = {_param_name(k): v for k, v in load_file(str(weights_path)).items()}
+    param_name = type(adapter_config).param_name
+    state = {param_name(_strip(k)): v for k, v in state_raw.items()}
     params = dict(model.named_parameters())
     expected = set(adapter_parameter_names(model))
     missing = sorted(expected - state.keys())
@@ -253,25 +247,26 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     return [name for name, _ in find_adapters(model)]
 
 
-def _param_name(key: str) -> str:
+def _strip(key: str) -> str:
     name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
-    name = name.replace(".default.", ".")
-    return name[: -len(".weight")] if name.endswith("lora_magnitude_vector.weight") else name
+    return name.replace(".default.", ".")
 
 
-def _check_layers(model: nn.Module, lora_config: LoRAConfig, config: dict[str, Any]) -> None:
-    for name, layer in find_adapters(model):
-        if not isinstance(layer, LoRALinear):
-            raise ValueError(f"layer {name} is a {type(layer).__name__}, not a LoRA layer the file can fill.")
-        want_dora = bool(config.get("use_dora", False))
-        if isinstance(layer, DoRALinear) != want_dora:
-            raise ValueError(
-                f"layer {name}: the file says use_dora={want_dora} but the layer is {type(layer).__name__}."
-            )
-        r = int(pattern_value(name, lora_config.rank_pattern, lora_config.r))
-        alpha = float(pattern_value(name, lora_config.alpha_pattern, lora_config.alpha or 2 * r))
-        if layer.r != r or not math.isclose(layer.alpha, alpha) or layer.use_rslora != lora_config.use_rslora:
-            raise ValueError(
-                f"layer {name} has r={layer.r}, alpha={layer.alpha:g}, rslora={layer.use_rslora} but the file says "
-                f"r={r}, alpha={alpha:g}, rslora={lora_config.use_rslora}; load into a model without adapters instead."
-            )
+def _check_existing(model: nn.Module, plan: AdapterPlan, directory: Path) -> None:
+    problems = plan.mismatches(model)
+    if problems:
+        raise ValueError(
+            f"{type(model).__name__} already holds adapters that differ from {directory}'s: {'; '.join(problems)}. "
+            "Unload them first (lightning_zenft.unload_adapters(model, merge=False), or merge=True to keep their "
+            "effect in the base weights), then load this adapter."
+        )
+
+
+def _warn_other_base(model: nn.Module, config: dict[str, Any], directory: Path) -> None:
+    saved, here = config.get("base_model_name_or_path"), _name_or_path(model)
+    if saved and here and Path(str(saved)).name != Path(str(here)).name and str(saved) != str(here):
+        warnings.warn(
+            f"{directory} was saved for base model {saved!r} but is loaded into {here!r}; the shapes fit, but the "
+            "adapter only means what it was trained for on its own base.",
+            stacklevel=3,
+        )

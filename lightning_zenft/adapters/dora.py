@@ -23,6 +23,8 @@ Example::
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +53,13 @@ class DoRALinear(LoRALinear):
 
     def adapter_params(self) -> list[str]:
         return ["lora_A.weight", "lora_B.weight", "lora_magnitude_vector"]
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "use_dora": True}
+
+    def peft_export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, settings = super().peft_export()
+        return {**tensors, "lora_magnitude_vector": self.lora_magnitude_vector.detach()}, settings
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``m (W + s B A) / ||W + s B A||_row`` for a dense ``(out, in)`` base weight ``W``, in ``W``'s dtype."""

@@ -26,12 +26,12 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from lightning_zenft.adapters._base import add_to_weight, dense_weight, linear_features
+from lightning_zenft.adapters._base import add_to_weight, dense_weight, is_conv1d, linear_features
 
 LoRAInit = Literal["kaiming", "gaussian", "pissa"]
 
@@ -112,6 +112,35 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------------ protocol
     def adapter_params(self) -> list[str]:
         return ["lora_A.weight", "lora_B.weight"]
+
+    def settings(self) -> dict[str, Any]:
+        """The primitives this layer was built with, as :meth:`LoRAConfig.layer_kwargs` gives them."""
+        dropout = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        return {
+            "r": self.r,
+            "alpha": self.alpha,
+            "dropout": float(dropout),
+            "use_rslora": self.use_rslora,
+            "use_dora": False,
+            "init": self.init,
+        }
+
+    def peft_export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The tensors of PEFT's file (names relative to this layer) and the settings its config records for it.
+
+        Relative to the ORIGINAL base weight: a PiSSA layer's base holds ``W - s B0 A0``, so relative to ``W`` its
+        update is ``s (B A - B0 A0)``, a rank-``2r`` LoRA ``[B, -B0] [A; A0]`` with the same scaling (``alpha`` is
+        rescaled for the doubled rank, with rsLoRA's square root where it applies).
+        """
+        a, b = self.lora_A.weight.detach(), self.lora_B.weight.detach()
+        r, alpha = self.r, self.alpha
+        if self.pissa_A0 is not None:
+            a = torch.cat([a, self.pissa_A0], dim=0)  # (2r, in)
+            b = torch.cat([b, -self.pissa_B0], dim=1)  # (out, 2r)
+            r = 2 * self.r
+            alpha = self.scaling * (math.sqrt(r) if self.use_rslora else r)
+        settings = {**self.settings(), "r": r, "alpha": alpha, "fan_in_fan_out": is_conv1d(self.base_layer)}
+        return {"lora_A.weight": a, "lora_B.weight": b}, settings
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """``(A, B, s)``: the layer computes ``base(x) + s B A dropout(x)`` (:class:`LowRankUpdate`)."""

@@ -141,7 +141,7 @@ def test_validate_from_adapter_only_checkpoint(tmp_path):
     (restored,) = trainer.validate(fresh, ckpt_path=ckpt, verbose=False)
     assert restored["val_loss"] == expected["val_loss"]
     trainer = make_trainer(tmp_path / "x", [LoRA(r=2, alpha=8)], limit_val_batches=1)
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(RuntimeError, match=r"settings differ from the checkpoint's \(saved, now\): \{'r': \(4, 2\)\}"):
         trainer.validate(TinyLM("llama"), ckpt_path=ckpt, verbose=False)
 
 

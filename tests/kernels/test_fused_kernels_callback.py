@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_zenft.adapters import DoRALinear, LoRALinear
-from lightning_zenft.callbacks.adapters import LoRA
 from lightning_zenft.callbacks.kernels import FusedKernels
+from lightning_zenft.callbacks.lora import LoRA
 from lightning_zenft.fusion import (
     FusedLoRALinear,
     finalize_shared_inputs,

@@ -27,9 +27,9 @@ import lightning_zenft.kernels.lora as kernels_lora
 import lightning_zenft.kernels.matmul as mm
 from lightning_zenft import LoRAConfig, inject_adapters
 from lightning_zenft.adapters import DoRALinear, LoRALinear
-from lightning_zenft.callbacks.adapters import DoRA
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.callbacks.kernels import FusedKernels
+from lightning_zenft.callbacks.lora import DoRA
 from lightning_zenft.fusion import FusedDoRALinear, fuse_lora_layers, unfuse_lora_layers
 from lightning_zenft.inject import count_parameters
 from lightning_zenft.io import load_adapter, save_adapter

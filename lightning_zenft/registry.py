@@ -1,0 +1,102 @@
+"""The methods the library knows: one :class:`Method` a method, registered in one line at the bottom of this file.
+
+A method is a config dataclass (:mod:`lightning_zenft.config`: its fields, checks, per-layer values and PEFT's
+config keys), a module file under :mod:`lightning_zenft.adapters` (the ``nn.Module``), a thin callback, and this
+line, which says how a module is built, what kind of module it attaches to, and the ``peft_type`` of its PEFT files
+(``None`` where PEFT lacks the method: such adapters save as safetensors plus our own JSON config).
+
+Example::
+
+    method = method_for_config(LoRAConfig())          # Method(name='lora', ...)
+    layer = method.build(nn.Linear(8, 8), **LoRAConfig().layer_kwargs("q_proj"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import nn
+
+from lightning_zenft.adapters import DoRALinear, LoRALinear
+from lightning_zenft.config import AdapterConfig, LoRAConfig
+
+AttachesTo = Literal["linear", "embedding", "attention", "block", "model"]
+"""What a method's module replaces or wraps: a linear layer, the input embedding, an attention module, a block's
+output, or (for methods that only change what trains, e.g. BitFit) nothing at all."""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One adapter method.
+
+    Args:
+        name: the registry name (``config_cls.method``).
+        config_cls: its config dataclass.
+        build: ``build(target_module, **config.layer_kwargs(name)) -> module`` made for that target.
+        attaches_to: see :data:`AttachesTo`.
+        module_types: the classes ``build`` makes (their subclasses count too), to tell which method a module is.
+        peft_type: PEFT's ``peft_type`` for this method's files, or None where PEFT has no such method.
+    """
+
+    name: str
+    config_cls: type[AdapterConfig]
+    build: Callable[..., nn.Module]
+    attaches_to: AttachesTo
+    module_types: tuple[type[nn.Module], ...]
+    peft_type: str | None = None
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to the registry (its name and PEFT type must be new)."""
+    if method.name in _METHODS:
+        raise ValueError(f"a method named {method.name!r} is already registered.")
+    if method.config_cls.method != method.name:
+        raise ValueError(f"{method.config_cls.__name__}.method={method.config_cls.method!r} != {method.name!r}.")
+    if method.peft_type is not None and any(m.peft_type == method.peft_type for m in _METHODS.values()):
+        raise ValueError(f"peft_type {method.peft_type!r} is already registered.")
+    _METHODS[method.name] = method
+    return method
+
+
+def methods() -> list[Method]:
+    """Every registered method, in registration order."""
+    return list(_METHODS.values())
+
+
+def method_for_config(config: AdapterConfig) -> Method:
+    """The method a config belongs to."""
+    name = type(config).method
+    if name not in _METHODS:
+        raise KeyError(f"{type(config).__name__} names method {name!r}, which is not registered.")
+    return _METHODS[name]
+
+
+def method_for_module(module: nn.Module) -> Method | None:
+    """The method whose ``build`` made ``module`` (None for a module no method makes)."""
+    for method in _METHODS.values():
+        if isinstance(module, method.module_types):
+            return method
+    return None
+
+
+def method_for_peft_type(peft_type: object, path: object = "adapter_config.json") -> Method:
+    """The method that reads PEFT files of ``peft_type``; an error naming the file and the known types otherwise."""
+    for method in _METHODS.values():
+        if method.peft_type is not None and method.peft_type == peft_type:
+            return method
+    known = sorted(m.peft_type for m in _METHODS.values() if m.peft_type)
+    raise ValueError(f"{path}: peft_type={peft_type!r} is not one this library reads; it reads {known}.")
+
+
+# ---------------------------------------------------------------------------------------------------- factories
+def _lora_layer(base: nn.Module, *, use_dora: bool = False, **kwargs: Any) -> nn.Module:
+    return (DoRALinear if use_dora else LoRALinear)(base, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------- the methods
+register(Method("lora", LoRAConfig, _lora_layer, "linear", (LoRALinear,), peft_type="LORA"))
