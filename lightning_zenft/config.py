@@ -61,6 +61,8 @@ class AdapterConfig(ABC):
     """Per-layer settings that change what the trained tensors mean (checked when loading or resuming)."""
     peft_unsupported: ClassVar[tuple[str, ...]] = ()
     """PEFT config keys that change what a file means and that this library does not implement: refused on load."""
+    attach_name: ClassVar[str | None] = None
+    """For a method attached to the whole model: the attribute its module is added under (None: no module)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -92,6 +94,15 @@ class AdapterConfig(ABC):
     def layer_kwargs(self, name: str, *, initialize: bool = True) -> dict[str, Any]:
         """The keyword arguments the module at ``name`` is built with. ``initialize=False``: weights are loaded next,
         so skip any initialization that rewrites the base (e.g. PiSSA's SVD)."""
+
+    def parts(self) -> list[AdapterConfig]:
+        """For a composite method (e.g. MAM: a parallel adapter plus prefix tuning): the configs of its parts, whose
+        plans together make its plan. Empty for an ordinary method."""
+        return []
+
+    def trainable_names(self, model: Any) -> list[str]:
+        """Names of parameters of ``model`` the method trains besides its adapter modules' own (e.g. BitFit's)."""
+        return []
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -5,7 +5,8 @@ becomes modules.
 values. The swap (:func:`inject_adapters`), the resume path of the adapter callbacks and the PEFT file loader all use
 it, so per-layer values are worked out once.
 
-Target syntax (``target_modules`` / ``exclude_modules``):
+Which modules a config selects is :mod:`lightning_zenft.targets`; target syntax (``target_modules`` /
+``exclude_modules``), as a reminder:
 
 * a preset: ``"all-linear"`` (every ``nn.Linear``/``Conv1D`` except the output head), ``"attention"`` (the linear
   layers inside attention blocks: q/k/v/o, GPT-2's ``c_attn``/``attn.c_proj``, Phi's ``dense``...), ``"mlp"`` (the
@@ -23,133 +24,31 @@ is a regex), e.g. ``{"o_proj": 8, r"layers\\.0\\..*": 4}``.
 from __future__ import annotations
 
 import math
-import re
 import warnings
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
-from lightning_zenft.adapters import AdapterModule, Mergeable, Wrapping, find_adapters, merge_adapters
-from lightning_zenft.adapters._base import is_adaptable_linear
-from lightning_zenft.config import PRESETS, AdapterConfig, pattern_value
+from lightning_zenft.adapters import Mergeable, Wrapping, find_adapters, merge_adapters
+from lightning_zenft.config import AdapterConfig, pattern_value
 from lightning_zenft.registry import Method, method_for_config, method_for_module
+from lightning_zenft.targets import (
+    match_targets,
+    walk,
+)
 
-_ATTENTION_HINTS = ("attn", "attention")
-_MLP_SEGMENTS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "output", "block_sparse_moe", "experts")
 _NORM_HINTS = ("norm",)
-
-
-def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` that does not descend into adapter layers (their base and factors are not targets)."""
-    for name, child in module.named_children():
-        full = f"{prefix}.{name}" if prefix else name
-        yield full, child
-        if not isinstance(child, AdapterModule):
-            yield from _walk(child, full)
-
-
-def linear_layer_names(model: nn.Module, include_adapted: bool = False) -> list[str]:
-    """Names of every ``nn.Linear``/``Conv1D`` in ``model`` that is not part of an adapter.
-
-    ``include_adapted``: also name the adapter layers that wrap one (at the position of the layer they wrap).
-    """
-    names = []
-    for name, m in _walk(model):
-        if isinstance(m, AdapterModule):
-            if include_adapted and isinstance(m, Wrapping) and is_adaptable_linear(m.base_layer):
-                names.append(name)
-        elif is_adaptable_linear(m):
-            names.append(name)
-    return names
-
-
-def output_head_names(model: nn.Module) -> set[str]:
-    """Names of output heads: what any ``get_output_embeddings()`` inside ``model`` returns, and ``lm_head``s."""
-    heads: set[str] = set()
-    by_id = {id(m): name for name, m in _walk(model)}
-    for module in [model, *(m for _, m in _walk(model))]:
-        getter = getattr(module, "get_output_embeddings", None)
-        if callable(getter):
-            try:
-                head = getter()
-            except (AttributeError, NotImplementedError):
-                head = None
-            if head is not None and id(head) in by_id:
-                heads.add(by_id[id(head)])
-    heads.update(name for name in by_id.values() if name.rsplit(".", 1)[-1] == "lm_head")
-    return heads
-
-
-def block_kind(name: str) -> str | None:
-    """``"attention"``, ``"mlp"`` or ``None`` for a module name, from its parent path."""
-    parents = [segment.lower() for segment in name.split(".")[:-1]]
-    if any(hint in segment for segment in parents for hint in _ATTENTION_HINTS):
-        return "attention"
-    if any(segment in _MLP_SEGMENTS or "mlp" in segment for segment in parents):
-        return "mlp"
-    return None
-
-
-def _name_matches(name: str, spec: str | Sequence[str]) -> bool:
-    if isinstance(spec, str):
-        if re.fullmatch(spec, name):
-            return True
-        return bool(re.fullmatch(r"[\w.]+", spec)) and (name == spec or name.endswith("." + spec))
-    return any(name == target or name.endswith("." + target) for target in spec)
-
-
-def _describe(names: Sequence[str]) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    examples = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-    return f"leaf names {leaves}; e.g. {examples}"
-
-
-def match_targets(
-    model: nn.Module,
-    target_modules: str | Sequence[str],
-    exclude_modules: str | Sequence[str] | None = None,
-    include_adapted: bool = False,
-) -> list[str]:
-    """Resolve a target spec to the full names of the linear layers it selects, in module order.
-
-    ``include_adapted``: layers already wrapped by an adapter count at their position (to plan on an adapted model).
-
-    Raises:
-        ValueError: when nothing matches; the message lists the linear layers that do exist.
-    """
-    names = linear_layer_names(model, include_adapted)
-    if not names:
-        raise ValueError(
-            f"{type(model).__name__} has no torch.nn.Linear or transformers Conv1D layers to adapt. If the model is "
-            "built in `configure_model`, the LoRA callback injects after it; otherwise check what the module holds."
-        )
-    if isinstance(target_modules, str) and target_modules in PRESETS:
-        heads = output_head_names(model)
-        if target_modules == "all-linear":
-            selected = [n for n in names if n not in heads]
-        else:
-            selected = [n for n in names if n not in heads and block_kind(n) == target_modules]
-    else:
-        selected = [n for n in names if _name_matches(n, target_modules)]
-    if exclude_modules:
-        selected = [n for n in selected if not _name_matches(n, exclude_modules)]
-    if not selected:
-        raise ValueError(
-            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no linear layer of "
-            f"{type(model).__name__}. Its linear layers: {_describe(names)}. Use one of the presets {list(PRESETS)}, "
-            "a list of these names or suffixes, or a regex over the full names."
-        )
-    return selected
 
 
 @dataclass
 class LayerPlan:
-    """One module of a plan: its full name and the keyword arguments its adapter module is built with."""
+    """One module of a plan: its full name, the keyword arguments its adapter module is built with, and the method
+    that builds it (a composite method's parts differ; None: the plan's method)."""
 
     name: str
     kwargs: dict[str, Any]
+    method: Method | None = None
 
 
 @dataclass
@@ -163,7 +62,7 @@ class AdapterPlan:
     """
 
     method: Method
-    config: AdapterConfig
+    config: AdapterConfig | None
     layers: list[LayerPlan] = field(default_factory=list)
 
     @property
@@ -184,16 +83,17 @@ class AdapterPlan:
             problems.append(f"{len(missing)} planned layers have no adapter (e.g. {missing[:3]})")
         if extra:
             problems.append(f"{len(extra)} adapted layers are not in the plan (e.g. {extra[:3]})")
-        keys = type(self.config).identity_keys
         for layer in self.layers:
             module = existing.get(layer.name)
             if module is None:
                 continue
             method = method_for_module(module)
-            if method is not self.method:
+            wanted = layer.method or self.method
+            if method is not wanted:
                 kind = method.name if method else type(module).__name__
-                problems.append(f"{layer.name} holds a {kind} adapter, not {self.method.name}")
+                problems.append(f"{layer.name} holds a {kind} adapter, not {wanted.name}")
                 continue
+            keys = wanted.config_cls.identity_keys
             have = module.settings() if callable(getattr(module, "settings", None)) else {}
             differ = {k: (have.get(k), layer.kwargs.get(k)) for k in keys}
             differ = {k: pair for k, pair in differ.items() if not _same(*pair)}
@@ -226,9 +126,19 @@ def plan_adapters(
         plan.names             # ['model.layers.0.self_attn.q_proj', ...]
     """
     method = method_for_config(config)
-    if method.attaches_to != "linear":
-        raise ValueError(f"method {method.name!r} attaches to {method.attaches_to!r} modules, not planned here yet.")
-    targets = match_targets(model, config.target_modules, config.exclude_modules, include_adapted)
+    parts = config.parts()
+    if parts:  # a composite method: the layers of each part's plan, each built by its part's method
+        layers = []
+        for part in parts:
+            sub = plan_adapters(model, part, initialize=initialize, include_adapted=include_adapted)
+            layers += [LayerPlan(layer.name, layer.kwargs, layer.method or sub.method) for layer in sub.layers]
+        return AdapterPlan(method, config, layers)
+    if method.attaches_to == "model":  # one module beside the model (or none: a method that only changes what trains)
+        name = config.attach_name
+        targets = [] if name is None else [name]
+    else:
+        kind = method.attaches_to
+        targets = match_targets(model, config.target_modules, config.exclude_modules, include_adapted, kind)
     plan = AdapterPlan(method, config, [LayerPlan(n, config.layer_kwargs(n, initialize=initialize)) for n in targets])
     for key, unused in _unused_patterns(config, targets).items():
         warnings.warn(
@@ -266,10 +176,39 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, *, initialize: bool
 
 
 def apply_plan(model: nn.Module, plan: AdapterPlan) -> None:
-    """Build and swap in every module of ``plan``, then set what trains."""
-    for layer in plan.layers:
-        _replace(model, layer.name, plan.method.build(model.get_submodule(layer.name), **layer.kwargs))
+    """Build and swap in every module of ``plan`` (:func:`build_plan`), then set what trains (:func:`set_trainable`)."""
+    if plan.config is None:
+        raise ValueError("this plan has no config to say what trains; use build_plan and set_trainable_names.")
+    build_plan(model, plan)
     set_trainable(model, plan.config)
+
+
+def build_plan(model: nn.Module, plan: AdapterPlan) -> None:
+    """Build and swap in every module of ``plan``; a ``"model"``-kind module is built from the whole model and added
+    at its plan name."""
+    for layer in plan.layers:
+        method = layer.method or plan.method
+        target = model if method.attaches_to == "model" else model.get_submodule(layer.name)
+        _replace(model, layer.name, method.build(target, **layer.kwargs))
+
+
+def set_trainable_names(model: nn.Module, names: list[str]) -> None:
+    """Freeze ``model`` except its adapters' parameters and the parameters named in ``names``.
+
+    Raises:
+        ValueError: naming a parameter ``model`` does not have.
+    """
+    params = dict(model.named_parameters())
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ValueError(f"{type(model).__name__} has no parameters {unknown[:5]}; it is not the model they were for.")
+    for p in params.values():
+        p.requires_grad_(False)
+    for _, layer in find_adapters(model):
+        for pname in layer.adapter_params():
+            layer.get_parameter(pname).requires_grad_(True)
+    for name in names:
+        params[name].requires_grad_(True)
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -295,14 +234,16 @@ def set_trainable(model: nn.Module, config: AdapterConfig) -> None:
             if bias is not None:
                 bias.requires_grad_(True)
     if config.trainable_norms:
-        for _, module in _walk(model):
+        for _, module in walk(model):
             if any(h in type(module).__name__.lower() for h in _NORM_HINTS):
                 for p in module.parameters(recurse=False):
                     p.requires_grad_(True)
+    for pname in config.trainable_names(model):
+        model.get_parameter(pname).requires_grad_(True)
     for target in config.modules_to_save:
-        found = [m for name, m in _walk(model) if name == target or name.endswith("." + target)]
+        found = [m for name, m in walk(model) if name == target or name.endswith("." + target)]
         if not found:
-            names = [n for n, _ in _walk(model)]
+            names = [n for n, _ in walk(model)]
             raise ValueError(f"modules_to_save entry {target!r} matches no module; modules include e.g. {names[:12]}.")
         for module in found:
             for p in module.parameters():
@@ -321,9 +262,14 @@ def unload_adapters(model: nn.Module, merge: bool = True) -> list[str]:
     for name, layer in layers:
         if not merge and isinstance(layer, Mergeable) and layer.merged:
             layer.unmerge()
-        if not isinstance(layer, Wrapping):
-            raise TypeError(f"{name}: a {type(layer).__name__} wraps no base layer to put back.")
-        _replace(model, name, layer.base_layer)
+        if isinstance(layer, Wrapping):
+            _replace(model, name, layer.base_layer)
+        else:  # a module beside the model (e.g. prompt tuning's): undo what it installed, then drop it
+            remove = getattr(layer, "remove", None)
+            if callable(remove):
+                remove()
+            parent_name, _, child = name.rpartition(".")
+            delattr(model.get_submodule(parent_name) if parent_name else model, child)
         restored.append(name)
     return restored
 

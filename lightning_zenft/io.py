@@ -13,8 +13,16 @@ The format, as PEFT writes it:
   ``modules_to_save``, ``base_model_name_or_path``...).
 
 Our modules use PEFT's module structure (``base_layer``, ``lora_A``, ``lora_B``), so a key maps to a parameter by
-stripping the ``base_model.model.`` prefix. Only safetensors are read: nothing is ever unpickled. Files are written
-atomically (a temporary file, then a rename), so an interrupted save leaves the previous file whole.
+stripping the ``base_model.model.`` prefix. A method attached to the whole model (prompt tuning) names its tensors
+itself, as PEFT does (``prompt_embeddings``). Methods PEFT lacks (``peft_type=None`` in the registry) are saved in the
+same two files with a config of ours::
+
+    {"format": "lightning_zenft", "method": "<registry name>", "layers": {"<module path>": {<build arguments>}},
+     "base_model_name_or_path": ..., "bias": ..., "modules_to_save": [...]}
+
+Each module's tensors are keyed as in PEFT's files (``base_model.model.<module path>.<parameter>``). Only safetensors
+are read: nothing is ever unpickled. Files are written atomically (a temporary file, then a rename), so an
+interrupted save leaves the previous file whole.
 
 Example::
 
@@ -38,12 +46,13 @@ from torch import nn
 
 from lightning_zenft.adapters import adapter_parameter_names, find_adapters
 from lightning_zenft.config import AdapterConfig
-from lightning_zenft.inject import AdapterPlan, apply_plan, plan_adapters
-from lightning_zenft.registry import Method, method_for_module, method_for_peft_type
+from lightning_zenft.inject import AdapterPlan, LayerPlan, apply_plan, build_plan, plan_adapters, set_trainable_names
+from lightning_zenft.registry import Method, method_for_module, method_for_name, method_for_peft_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+OWN_FORMAT = "lightning_zenft"
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -59,53 +68,80 @@ def _name_or_path(model: nn.Module) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------------- save
-def save_adapter(model: nn.Module, save_directory: str | Path, base_model_name_or_path: str | None = None) -> Path:
-    """Write the adapters of ``model`` (and any other trained parameters) in PEFT's format; returns the directory.
+def save_adapter(
+    model: nn.Module,
+    save_directory: str | Path,
+    base_model_name_or_path: str | None = None,
+    method: str | None = None,
+) -> Path:
+    """Write the adapters of ``model`` (and any other trained parameters); returns the directory.
+
+    PEFT's format for a method PEFT has (``PeftModel.from_pretrained(base, dir)`` then works), else ours (see the
+    module docstring).
 
     Args:
         model: the model holding adapter layers (a ``transformers`` model, or a LightningModule whose ``.model`` is
-            one); key paths are relative to it, as PEFT expects for ``PeftModel.from_pretrained(base, dir)``.
+            one); key paths are relative to it, as PEFT expects.
         save_directory: created if missing.
         base_model_name_or_path: recorded in the config; defaults to the model's ``config._name_or_path``.
+        method: the registry name of the method, for methods that inject no module and only change what trains
+            (BitFit); otherwise read from the adapter modules.
     """
     model = _unwrap(model)
     layers = list(find_adapters(model))
-    if not layers:
+    methods = _methods_of(layers)
+    if not layers and method is None:
         raise ValueError(
-            f"{type(model).__name__} holds no adapter layers to save. Add the LoRA callback to the Trainer (or call "
-            "lightning_zenft.inject_adapters) before saving, and pass the model the adapters were injected into."
+            f"{type(model).__name__} holds no adapter layers to save. Add an adapter callback to the Trainer (or call "
+            "lightning_zenft.inject_adapters) before saving, and pass the model the adapters were injected into; for "
+            "a method that only changes what trains (BitFit), pass method='bitfit'."
         )
-    method = _one_method(layers)
-    if method.peft_type is None:
-        raise ValueError(f"HF PEFT has no file format for the {method.name!r} method of this model's adapters.")
+    named = {m.name for m in methods.values()} | ({method} if method else set())
+    single = method_for_name(next(iter(named))) if len(named) == 1 else None
+    peft = single is not None and single.peft_type is not None and bool(layers)
     tensors: dict[str, torch.Tensor] = {}
     settings: dict[str, dict[str, Any]] = {}
     for name, layer in layers:
-        own, settings[name] = layer.peft_export()  # type: ignore[attr-defined]
-        tensors.update({f"{PREFIX}{name}.{key}": value for key, value in own.items()})
+        own, settings[name] = layer.export_state()  # type: ignore[attr-defined]
+        whole_model = peft and methods[name].attaches_to == "model"
+        tensors.update({key if whole_model else f"{PREFIX}{name}.{key}": value for key, value in own.items()})
 
     adapter_names = set(adapter_parameter_names(model))
     extra = {n: p for n, p in model.named_parameters() if p.requires_grad and n not in adapter_names}
-    bias, modules_to_save = _describe_extras(model, extra, [n for n, _ in layers])
-    for pname, p in extra.items():
-        tensors[PREFIX + pname] = p.detach()
-    for module_name in modules_to_save:
-        for pname, p in model.get_submodule(module_name).named_parameters():
-            tensors[f"{PREFIX}{module_name}.{pname}"] = p.detach()
-
-    config = {
-        "peft_type": method.peft_type,
-        "task_type": "CAUSAL_LM" if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else None,
+    common = {
         "base_model_name_or_path": base_model_name_or_path or _name_or_path(model),
-        "target_modules": [name for name, _ in layers],
-        "exclude_modules": None,
-        "bias": bias,
-        "modules_to_save": modules_to_save or None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
+        "task_type": "CAUSAL_LM" if type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) else None,
         "inference_mode": True,
-        **method.config_cls.peft_config(settings),
     }
+    if not peft:
+        for pname, p in extra.items():
+            tensors[PREFIX + pname] = p.detach()
+        config = {
+            "format": OWN_FORMAT,
+            "method": single.name if single else sorted(named),
+            "layers": {n: {"method": methods[n].name, "settings": settings[n]} for n, _ in layers},
+            "trained_parameters": sorted(extra),
+            **common,
+        }
+    else:
+        assert single is not None
+        bias, modules_to_save = _describe_extras(model, extra, [n for n, _ in layers])
+        for pname, p in extra.items():
+            tensors[PREFIX + pname] = p.detach()
+        for module_name in modules_to_save:
+            for pname, p in model.get_submodule(module_name).named_parameters():
+                tensors[f"{PREFIX}{module_name}.{pname}"] = p.detach()
+        config = {"peft_type": single.peft_type, **common}
+        if single.attaches_to != "model":
+            config |= {
+                "bias": bias,
+                "modules_to_save": modules_to_save or None,
+                "target_modules": [name for name, _ in layers],
+                "exclude_modules": None,
+                "layers_to_transform": None,
+                "layers_pattern": None,
+            }
+        config |= single.config_cls.peft_config(settings)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomically(out / WEIGHTS_NAME, lambda path: save_file(_contiguous(tensors), path, metadata={"format": "pt"}))
@@ -114,17 +150,15 @@ def save_adapter(model: nn.Module, save_directory: str | Path, base_model_name_o
     return out
 
 
-def _one_method(layers: list[tuple[str, nn.Module]]) -> Method:
-    found: dict[str, Method] = {}
+def _methods_of(layers: list[tuple[str, nn.Module]]) -> dict[str, Method]:
+    found = {}
     for name, layer in layers:
         method = method_for_module(layer)
         if method is None:
             why = "no registered method makes it"
-            raise ValueError(f"{name} is a {type(layer).__name__}: {why}, so it cannot be saved in PEFT's format.")
-        found[method.name] = method
-    if len(found) > 1:
-        raise ValueError(f"one adapter file holds one method; this model mixes {sorted(found)}.")
-    return next(iter(found.values()))
+            raise ValueError(f"{name} is a {type(layer).__name__}: {why}, so it cannot be saved.")
+        found[name] = method
+    return found
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -171,6 +205,17 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({err}); re-save the adapter or fix the file.") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path} holds a JSON {type(config).__name__}, not the object of an adapter config.")
+    if config.get("format") == OWN_FORMAT:
+        layers = config.get("layers")
+        ok = isinstance(layers, dict) and all(isinstance(v, dict) and "method" in v for v in layers.values())
+        if not ok or not isinstance(config.get("trained_parameters", []), list):
+            raise ValueError(
+                f"{path}: 'layers' must map module names to {{'method', 'settings'}} and 'trained_parameters' must "
+                "be a list; re-save the adapter."
+            )
+        for entry in layers.values():
+            method_for_name(entry["method"], path)
+        return config
     method = method_for_peft_type(config.get("peft_type"), path)
     bad = {
         k: config[k]
@@ -179,7 +224,7 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
     }
     if bad:
         raise ValueError(f"{path} uses options this loader does not implement: {bad}. Re-save without them.")
-    if config.get("target_modules") in (None, [], ""):
+    if method.attaches_to != "model" and config.get("target_modules") in (None, [], ""):
         raise ValueError(f"{path} has no target_modules; cannot tell which layers the adapter belongs to.")
     return config
 
@@ -187,6 +232,17 @@ def read_adapter_config(directory: str | Path) -> dict[str, Any]:
 def config_from_peft(config: dict[str, Any]) -> AdapterConfig:
     """The config (of the right method) equivalent to a PEFT ``adapter_config.json`` dict."""
     return method_for_peft_type(config.get("peft_type")).config_cls.from_peft(config)
+
+
+def _plan_from_file(model: nn.Module, config: dict[str, Any], include_adapted: bool) -> AdapterPlan:
+    """The plan a file describes: from its config (PEFT), or its per-layer methods and settings as saved (ours)."""
+    if config.get("format") != OWN_FORMAT:
+        return plan_adapters(model, config_from_peft(config), initialize=False, include_adapted=include_adapted)
+    entries = config["layers"].items()
+    layers = [LayerPlan(n, dict(e.get("settings", {})), method_for_name(e["method"])) for n, e in entries]
+    first = layers[0].method if layers else method_for_name(config["method"])
+    assert first is not None
+    return AdapterPlan(first, None, layers)
 
 
 def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -214,17 +270,20 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     config = read_adapter_config(directory)
     weights_path = directory / WEIGHTS_NAME
     state_raw = read_adapter_weights(weights_path)
-    adapter_config = config_from_peft(config)
     _warn_other_base(model, config, directory)
     has_adapters = any(True for _ in find_adapters(model))
-    plan = plan_adapters(model, adapter_config, initialize=False, include_adapted=has_adapters)
+    plan = _plan_from_file(model, config, has_adapters)
     if has_adapters:
         _check_existing(model, plan, directory)
+    elif plan.config is None:  # our format: the modules as saved, then exactly the saved parameters train
+        build_plan(model, plan)
+        set_trainable_names(model, config.get("trained_parameters", []))
     else:
         apply_plan(model, plan)
 
-    param_name = type(adapter_config).param_name
-    state = {param_name(_strip(k)): v for k, v in state_raw.items()}
+    param_name = plan.method.config_cls.param_name
+    keep = config.get("format") != OWN_FORMAT and plan.method.attaches_to == "model"  # tensors named by the method
+    state = {param_name(k if keep else _strip(k)): v for k, v in state_raw.items()}
     params = dict(model.named_parameters())
     expected = set(adapter_parameter_names(model))
     missing = sorted(expected - state.keys())

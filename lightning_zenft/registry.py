@@ -22,9 +22,11 @@ from torch import nn
 from lightning_zenft.adapters import DoRALinear, LoRALinear
 from lightning_zenft.config import AdapterConfig, LoRAConfig
 
-AttachesTo = Literal["linear", "embedding", "attention", "block", "model"]
-"""What a method's module replaces or wraps: a linear layer, the input embedding, an attention module, a block's
-output, or (for methods that only change what trains, e.g. BitFit) nothing at all."""
+AttachesTo = Literal["linear", "embedding", "attention", "mlp", "block", "model"]
+"""What a method's module wraps (:mod:`lightning_zenft.targets` finds the candidates): a linear layer, the input
+embedding, an attention module, a feed-forward module, a transformer block; or ``"model"``: one module beside the
+whole model, built from it and added as ``config.attach_name`` (prompt tuning), or none at all when
+``attach_name`` is None (methods that only change what trains, e.g. BitFit)."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,8 @@ class Method:
     Args:
         name: the registry name (``config_cls.method``).
         config_cls: its config dataclass.
-        build: ``build(target_module, **config.layer_kwargs(name)) -> module`` made for that target.
+        build: ``build(target_module, **config.layer_kwargs(name)) -> module`` made for that target (for
+            ``"model"``: ``build(model, ...)``; the module must not register ``model`` as a submodule).
         attaches_to: see :data:`AttachesTo`.
         module_types: the classes ``build`` makes (their subclasses count too), to tell which method a module is.
         peft_type: PEFT's ``peft_type`` for this method's files, or None where PEFT has no such method.
@@ -82,6 +85,13 @@ def method_for_module(module: nn.Module) -> Method | None:
         if isinstance(module, method.module_types):
             return method
     return None
+
+
+def method_for_name(name: object, path: object = "adapter_config.json") -> Method:
+    """The method registered as ``name``; an error naming the file and the known methods otherwise."""
+    if isinstance(name, str) and name in _METHODS:
+        return _METHODS[name]
+    raise ValueError(f"{path}: method={name!r} is not one this library knows; it knows {sorted(_METHODS)}.")
 
 
 def method_for_peft_type(peft_type: object, path: object = "adapter_config.json") -> Method:

@@ -57,8 +57,8 @@ class DoRALinear(LoRALinear):
     def settings(self) -> dict[str, Any]:
         return {**super().settings(), "use_dora": True}
 
-    def peft_export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        tensors, settings = super().peft_export()
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors, settings = super().export_state()
         return {**tensors, "lora_magnitude_vector": self.lora_magnitude_vector.detach()}, settings
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:

@@ -125,8 +125,8 @@ class LoRALinear(nn.Module):
             "init": self.init,
         }
 
-    def peft_export(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """The tensors of PEFT's file (names relative to this layer) and the settings its config records for it.
+    def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The tensors of the adapter file (PEFT's names, relative to this layer) and the settings recorded for it.
 
         Relative to the ORIGINAL base weight: a PiSSA layer's base holds ``W - s B0 A0``, so relative to ``W`` its
         update is ``s (B A - B0 A0)``, a rank-``2r`` LoRA ``[B, -B0] [A; A0]`` with the same scaling (``alpha`` is
