@@ -207,6 +207,9 @@ class LoRAConfig(AdapterConfig):
         self.alpha_pattern = dict(self.alpha_pattern)
         if self.alpha is None and self.r != "auto":
             self.alpha = float(2 * self.r)
+        elif self.alpha is not None:
+            self.alpha = float(self.alpha)
+        self.dropout = float(self.dropout)
 
     def layer_kwargs(self, name: str, *, initialize: bool = True) -> dict[str, Any]:
         if self.r == "auto":

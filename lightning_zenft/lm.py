@@ -174,6 +174,20 @@ class CausalLMModule(L.LightningModule):
         self.log("test_loss", loss, on_epoch=True, sync_dist=True, batch_size=batch["input_ids"].size(0))
         return loss
 
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with the way out, a checkpoint of adapters when this run has no adapter callback (its tensors would
+        otherwise be reported as a list of unexpected keys)."""
+        from lightning_zenft.adapters import find_adapters
+        from lightning_zenft.callbacks._adapter import CHECKPOINT_KEY
+
+        writers = checkpoint.get(CHECKPOINT_KEY)
+        if writers and not any(True for _ in find_adapters(self)):
+            raise RuntimeError(
+                f"the checkpoint holds adapters written by {writers}, but this model has none: add the same adapter "
+                "callback, with the settings of the run that wrote it, to the Trainer's callbacks."
+            )
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW parameter groups over the trainable parameters: decayed matrices, undecayed biases and norms.
 
