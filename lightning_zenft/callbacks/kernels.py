@@ -26,6 +26,7 @@ Switches:
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from typing import Literal
 
@@ -34,6 +35,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from lightning_zenft.adapters import find_adapters
 from lightning_zenft.fusion import (
     LigerPatches,
     apply_liger,
@@ -141,6 +143,13 @@ class FusedKernels(Callback):
             )
             self.applied["lora"] = report.layers
             self.applied["mlp"] = report.mlps
+            if not any(True for _ in find_adapters(pl_module)):
+                warnings.warn(
+                    f"FusedKernels: {type(pl_module).__name__} holds no adapter layer, so no fused LoRA kernel runs and "
+                    "every weight trains (a full fine-tune). Put an adapter callback (e.g. LoRA(...)) in the Trainer's "
+                    "callbacks, or FusedKernels(lora=False, shared_input=False, mlp=False) for the other kernels only.",
+                    stacklevel=2,
+                )
             self._pending_groups = bool(report.observed_parents)
             rank_zero_info(f"FusedKernels: {report.summary()}.")
         if self.glu:

@@ -363,3 +363,13 @@ def test_gpt2_conv1d_base_matches_unfused() -> None:
     for g, w in zip((x.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad), want_grads, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
     assert layer.base_layer.weight.grad is None
+
+
+def test_fused_kernels_without_an_adapter_callback_warns() -> None:
+    """Alone in the Trainer, FusedKernels would silently run a full fine-tune with fused MLPs: it says so."""
+    with pytest.warns(UserWarning, match="holds no adapter layer, so no fused LoRA kernel runs and every weight trains"):
+        module = fit([FusedKernels(rms_norm=False, rope=False, fused_linear_cross_entropy=False)])
+    assert len(module.losses) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fit([LoRA(r=2), FusedKernels(rms_norm=False, rope=False, fused_linear_cross_entropy=False)])
