@@ -28,6 +28,14 @@ from lightning_zenft.inject import (
 )
 from lightning_zenft.io import load_adapter, save_adapter
 from lightning_zenft.lm import CausalLMModule
+from lightning_zenft.named import (
+    active_adapter,
+    add_adapter,
+    delete_adapter,
+    list_adapters,
+    set_adapter,
+    using_adapter,
+)
 from lightning_zenft.planning import (
     MemoryEstimate,
     Recommendation,
@@ -59,11 +67,15 @@ __all__ = [
     "Mergeable",
     "MemoryEstimate",
     "Recommendation",
+    "active_adapter",
+    "add_adapter",
     "count_parameters",
+    "delete_adapter",
     "disable_adapters",
     "estimate_memory",
     "find_adapters",
     "inject_adapters",
+    "list_adapters",
     "load_adapter",
     "lr_find_from_recommendation",
     "match_targets",
@@ -73,8 +85,10 @@ __all__ = [
     "resolve_lora_rank_auto",
     "SaveAdapter",
     "save_adapter",
+    "set_adapter",
     "trainable_parameters",
     "unload_adapters",
     "unmerge_adapters",
+    "using_adapter",
     "Wrapping",
 ]

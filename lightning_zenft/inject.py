@@ -274,6 +274,14 @@ def unload_adapters(model: nn.Module, merge: bool = True) -> list[str]:
     return restored
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Accept a LightningModule holding the model in ``.model`` where the adapters live under that attribute."""
+    inner = getattr(model, "model", None)
+    if isinstance(inner, nn.Module) and hasattr(model, "trainer") and hasattr(inner, "config"):
+        return inner
+    return model
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts, each shared tensor counted once (as PEFT counts them)."""
     trainable = total = 0

@@ -46,21 +46,21 @@ from torch import nn
 
 from lightning_zenft.adapters import adapter_parameter_names, find_adapters
 from lightning_zenft.config import AdapterConfig
-from lightning_zenft.inject import AdapterPlan, LayerPlan, apply_plan, build_plan, plan_adapters, set_trainable_names
+from lightning_zenft.inject import (
+    AdapterPlan,
+    LayerPlan,
+    apply_plan,
+    build_plan,
+    plan_adapters,
+    set_trainable_names,
+    unwrap_model,
+)
 from lightning_zenft.registry import Method, method_for_module, method_for_name, method_for_peft_type
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 OWN_FORMAT = "lightning_zenft"
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """Accept a LightningModule holding the model in ``.model`` where the adapters live under that attribute."""
-    inner = getattr(model, "model", None)
-    if isinstance(inner, nn.Module) and hasattr(model, "trainer") and hasattr(inner, "config"):
-        return inner
-    return model
 
 
 def _name_or_path(model: nn.Module) -> str | None:
@@ -73,6 +73,7 @@ def save_adapter(
     save_directory: str | Path,
     base_model_name_or_path: str | None = None,
     method: str | None = None,
+    adapter_name: str | None = None,
 ) -> Path:
     """Write the adapters of ``model`` (and any other trained parameters); returns the directory.
 
@@ -86,8 +87,15 @@ def save_adapter(
         base_model_name_or_path: recorded in the config; defaults to the model's ``config._name_or_path``.
         method: the registry name of the method, for methods that inject no module and only change what trains
             (BitFit); otherwise read from the adapter modules.
+        adapter_name: save this named adapter (:mod:`lightning_zenft.named`) instead of the active one.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
+    if adapter_name is not None:
+        from lightning_zenft.named import active_adapter, using_adapter
+
+        if adapter_name != active_adapter(model):
+            with using_adapter(model, adapter_name):
+                return save_adapter(model, save_directory, base_model_name_or_path, method)
     layers = list(find_adapters(model))
     methods = _methods_of(layers)
     if not layers and method is None:
@@ -258,14 +266,19 @@ def read_adapter_weights(path: str | Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
-    """Load a PEFT-format adapter into ``model``; returns the adapted layer names.
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | None = None) -> list[str]:
+    """Load an adapter file into ``model``; returns the adapted module names.
 
     A model without adapters gets them injected as the file's config says; a model that has adapters must hold
     exactly the file's layers, method and per-layer settings (else: an error saying to unload them first). Every
-    tensor is checked: a missing, unexpected or misshapen one raises an error naming it.
+    tensor is checked: a missing, unexpected or misshapen one raises an error naming it. With ``adapter_name`` the
+    file becomes a named adapter (:mod:`lightning_zenft.named`), kept aside while another adapter is active.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
+    if adapter_name is not None:
+        from lightning_zenft.named import load_named_adapter
+
+        return load_named_adapter(model, directory, adapter_name)
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights_path = directory / WEIGHTS_NAME

@@ -146,6 +146,11 @@ class LoRALinear(nn.Module):
         """``(A, B, s)``: the layer computes ``base(x) + s B A dropout(x)`` (:class:`LowRankUpdate`)."""
         return self.lora_A.weight, self.lora_B.weight, self.scaling
 
+    @property
+    def modifies_base(self) -> bool:
+        """True once PiSSA rewrote the base weight to its residual (other adapters cannot share that base)."""
+        return self.pissa_A0 is not None
+
     def delta_weight(self) -> torch.Tensor:
         """The update ``s * B A`` as an ``(out, in)`` matrix."""
         return self.scaling * (self.lora_B.weight @ self.lora_A.weight)  # (out, in)

@@ -145,9 +145,10 @@ class FusedKernels(Callback):
             self.applied["mlp"] = report.mlps
             if not any(True for _ in find_adapters(pl_module)):
                 warnings.warn(
-                    f"FusedKernels: {type(pl_module).__name__} holds no adapter layer, so no fused LoRA kernel runs and "
-                    "every weight trains (a full fine-tune). Put an adapter callback (e.g. LoRA(...)) in the Trainer's "
-                    "callbacks, or FusedKernels(lora=False, shared_input=False, mlp=False) for the other kernels only.",
+                    f"FusedKernels: {type(pl_module).__name__} holds no adapter layer, so no fused LoRA kernel runs "
+                    "and every weight trains (a full fine-tune). Put an adapter callback (e.g. LoRA(...)) in the "
+                    "Trainer's callbacks, or FusedKernels(lora=False, shared_input=False, mlp=False) for the other "
+                    "kernels only.",
                     stacklevel=2,
                 )
             self._pending_groups = bool(report.observed_parents)
