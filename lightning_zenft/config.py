@@ -63,12 +63,16 @@ class AdapterConfig(ABC):
     """PEFT config keys that change what a file means and that this library does not implement: refused on load."""
     attach_name: ClassVar[str | None] = None
     """For a method attached to the whole model: the attribute its module is added under (None: no module)."""
+    attach_kind: ClassVar[str | None] = None
+    """The kind of module this config's targets are (``targets.KINDS``); None: what its method attaches to."""
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         self.modules_to_save = list(self.modules_to_save)
-        problems = _target_problems("target_modules", self.target_modules, allow_none=False)
+        problems = []
+        if not (self.target_modules == [] and self.targets_elsewhere()):
+            problems += _target_problems("target_modules", self.target_modules, allow_none=False)
         problems += _target_problems("exclude_modules", self.exclude_modules, allow_none=True)
         if isinstance(self.exclude_modules, str) and self.exclude_modules in PRESETS:
             problems.append(f"exclude_modules={self.exclude_modules!r}: presets cannot be excluded; list the names")
@@ -87,6 +91,10 @@ class AdapterConfig(ABC):
         """The method's own checks (every problem, not the first)."""
         return []
 
+    def targets_elsewhere(self) -> bool:
+        """True when the config names its targets in another field, so ``target_modules`` may be empty."""
+        return False
+
     def finalize(self) -> None:  # noqa: B027 - an optional hook: most methods derive nothing
         """Fill derived defaults once the config is valid (e.g. ``alpha = 2 r``)."""
 
@@ -95,9 +103,10 @@ class AdapterConfig(ABC):
         """The keyword arguments the module at ``name`` is built with. ``initialize=False``: weights are loaded next,
         so skip any initialization that rewrites the base (e.g. PiSSA's SVD)."""
 
-    def parts(self) -> list[AdapterConfig]:
-        """For a composite method (e.g. MAM: a parallel adapter plus prefix tuning): the configs of its parts, whose
-        plans together make its plan. Empty for an ordinary method."""
+    def parts(self, model: Any) -> list[AdapterConfig]:
+        """For a composite method (e.g. MAM: a parallel adapter plus prefix tuning), or a config whose targets on
+        ``model`` are of several kinds: the configs of its parts, whose plans together make its plan. Empty for an
+        ordinary config."""
         return []
 
     def trainable_names(self, model: Any) -> list[str]:
@@ -157,13 +166,16 @@ class LoRAConfig(AdapterConfig):
     """Per-layer rank overrides: a key matches a layer whose full name ends with it (regex, dot-aligned)."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-layer alpha overrides, matched as ``rank_pattern``."""
+    target_parameters: list[str] = field(default_factory=list)
+    """Parameters adapted in place of layers: the stacked 3-D expert weights of mixture-of-experts models, as names or
+    suffixes (``["experts.gate_up_proj", "experts.down_proj"]``); the presets ``"all-linear"`` and ``"mlp"`` include
+    every expert weight of the model."""
 
     method: ClassVar[str] = "lora"
     identity_keys: ClassVar[tuple[str, ...]] = ("r", "alpha", "use_rslora", "use_dora")
     peft_unsupported: ClassVar[tuple[str, ...]] = (
         "layers_to_transform",
         "layer_replication",
-        "target_parameters",
         "trainable_token_indices",
         "use_qalora",
         "lora_bias",
@@ -194,6 +206,10 @@ class LoRAConfig(AdapterConfig):
         for key, value in self.alpha_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
                 problems.append(f"alpha_pattern[{key!r}]={value!r} must be positive")
+        if not isinstance(self.target_parameters, (list, tuple)) or not all(
+            isinstance(t, str) and t for t in self.target_parameters
+        ):
+            problems.append(f"target_parameters={self.target_parameters!r} must be a list of parameter names")
         for name, patterns in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             for key in patterns:
                 try:
@@ -203,6 +219,7 @@ class LoRAConfig(AdapterConfig):
         return problems
 
     def finalize(self) -> None:
+        self.target_parameters = list(self.target_parameters)
         self.rank_pattern = dict(self.rank_pattern)
         self.alpha_pattern = dict(self.alpha_pattern)
         if self.alpha is None and self.r != "auto":
@@ -210,6 +227,30 @@ class LoRAConfig(AdapterConfig):
         elif self.alpha is not None:
             self.alpha = float(self.alpha)
         self.dropout = float(self.dropout)
+
+    def targets_elsewhere(self) -> bool:
+        return bool(self.target_parameters)
+
+    def parts(self, model: Any) -> list[AdapterConfig]:
+        params = list(self.target_parameters)
+        if not params and self.target_modules in ("all-linear", "mlp"):
+            from lightning_zenft.targets import expert_parameter_names, name_matches
+
+            found = expert_parameter_names(model, include_adapted=True)  # stacked experts: the MLP of MoE layers
+            excluded = self.exclude_modules
+            params = [n for n in found if not (excluded and name_matches(n, excluded))]
+        if not params:
+            return []
+        if self.dropout:
+            leaves = sorted({p.rsplit(".", 1)[-1] for p in params})
+            raise ValueError(
+                f"LoRA(dropout={self.dropout}) cannot adapt the expert weights {params[:2]}: dropout would have to "
+                "drop the experts' input for one weight only. Set dropout=0.0, or leave the experts out with "
+                f"exclude_modules={leaves} (or target only attention)."
+            )
+        shared = {k: v for k, v in self.to_dict().items() if k not in ("target_modules", "target_parameters")}
+        linear = [_LoRALinearPart(**shared, target_modules=self.target_modules)] if self.target_modules else []
+        return [*linear, _LoRAParameterPart(**shared, target_modules=params)]
 
     def layer_kwargs(self, name: str, *, initialize: bool = True) -> dict[str, Any]:
         if self.r == "auto":
@@ -227,8 +268,9 @@ class LoRAConfig(AdapterConfig):
     # ------------------------------------------------------------------ PEFT
     @classmethod
     def from_peft(cls, peft: dict[str, Any]) -> LoRAConfig:
-        targets = peft["target_modules"]
+        targets = peft.get("target_modules") or []
         return cls(
+            target_parameters=list(peft.get("target_parameters") or []),
             r=int(peft.get("r", 8)),
             alpha=float(peft.get("lora_alpha", 8)),
             dropout=float(peft.get("lora_dropout", 0.0)),
@@ -242,6 +284,21 @@ class LoRAConfig(AdapterConfig):
 
     @classmethod
     def peft_config(cls, layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        params = {n: s for n, s in layers.items() if "parameter_name" in s}
+        if params:
+            linear = {n: s for n, s in layers.items() if n not in params}
+            for key in ("r", "alpha"):
+                values = {s[key] for s in params.values()} | {s[key] for s in linear.values()}
+                if len(values) > 1:
+                    raise ValueError(
+                        f"PEFT's format cannot give expert-weight adapters their own {key} ({sorted(values)}): use one "
+                        f"{key} for every adapted layer and parameter."
+                    )
+            out = cls.peft_config(linear) if linear else {**cls.peft_config(params), "rank_pattern": {}}
+            # inner wrappers first: PEFT nests a module's parameters in the order target_parameters lists them
+            ordered = sorted(params, key=lambda n: (n.replace(".base_layer", ""), -n.count(".base_layer")))
+            names = [f"{n.replace('.base_layer', '')}.{params[n]['parameter_name']}" for n in ordered]
+            return {**out, "target_modules": list(linear), "target_parameters": names}
         settings = list(layers.values())
         for key in ("use_rslora", "use_dora"):
             if len({s[key] for s in settings}) > 1:
@@ -269,3 +326,25 @@ class LoRAConfig(AdapterConfig):
 
 
 __all__ = ["PRESETS", "AdapterConfig", "LoRAConfig", "TargetSpec", "pattern_value"]
+
+
+@dataclass(kw_only=True)
+class _LoRALinearPart(LoRAConfig):
+    """The linear layers of a LoRA config whose targets also include expert parameters."""
+
+    def parts(self, model: Any) -> list[AdapterConfig]:
+        return []
+
+
+@dataclass(kw_only=True)
+class _LoRAParameterPart(LoRAConfig):
+    """The expert parameters of a LoRA config (``target_modules`` holds parameter names or suffixes)."""
+
+    attach_kind: ClassVar[str | None] = "parameter"
+
+    def parts(self, model: Any) -> list[AdapterConfig]:
+        return []
+
+    def layer_kwargs(self, name: str, *, initialize: bool = True) -> dict[str, Any]:
+        kwargs = super().layer_kwargs(name, initialize=initialize)
+        return {**kwargs, "parameter_name": name.rsplit(".", 1)[-1], "dropout": 0.0}

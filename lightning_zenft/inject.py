@@ -31,12 +31,9 @@ from typing import Any
 from torch import nn
 
 from lightning_zenft.adapters import Mergeable, Wrapping, find_adapters, merge_adapters
-from lightning_zenft.config import AdapterConfig, pattern_value
+from lightning_zenft.config import PRESETS, AdapterConfig, pattern_value
 from lightning_zenft.registry import Method, method_for_config, method_for_module
-from lightning_zenft.targets import (
-    match_targets,
-    walk,
-)
+from lightning_zenft.targets import match_targets, module_candidates, walk
 
 _NORM_HINTS = ("norm",)
 
@@ -49,6 +46,8 @@ class LayerPlan:
     name: str
     kwargs: dict[str, Any]
     method: Method | None = None
+    at: str | None = None
+    """Where the module is built, if not at ``name`` (nested parameter adapters are all built at their module)."""
 
 
 @dataclass
@@ -125,20 +124,43 @@ def plan_adapters(
         plan = plan_adapters(model, LoRAConfig(target_modules="attention"))
         plan.names             # ['model.layers.0.self_attn.q_proj', ...]
     """
+    plan = _plan(model, config, initialize, include_adapted)
+    if config.target_modules in ("all-linear", "mlp") and plan.method.attaches_to == "linear":
+        _warn_uncovered_mlps(model, plan)
+    return plan
+
+
+def _warn_uncovered_mlps(model: nn.Module, plan: AdapterPlan) -> None:
+    """An ``"all-linear"``/``"mlp"`` plan that leaves a feed-forward module with weights but no adapter says so."""
+    covered = [layer.at or layer.name for layer in plan.layers]
+    missed = []
+    for name in module_candidates(model, "mlp", include_adapted=True):
+        module = model.get_submodule(name)
+        if any(p.dim() >= 2 for p in module.parameters()) and not any(c.startswith(name + ".") for c in covered):
+            missed.append(name)
+    if missed:
+        warnings.warn(
+            f"{type(plan.config).__name__}(target_modules={plan.config.target_modules!r}) adapts nothing inside the "
+            f"feed-forward modules {missed[:3]}{' ...' if len(missed) > 3 else ''}: their weights are in no layer or "
+            "parameter form this library adapts. Name their layers or parameters (target_modules / "
+            "target_parameters) to adapt them.",
+            stacklevel=3,
+        )
+
+
+def _plan(model: nn.Module, config: AdapterConfig, initialize: bool, include_adapted: bool) -> AdapterPlan:
     method = method_for_config(config)
-    parts = config.parts()
-    if parts:  # a composite method: the layers of each part's plan, each built by its part's method
-        layers = []
-        for part in parts:
-            sub = plan_adapters(model, part, initialize=initialize, include_adapted=include_adapted)
-            layers += [LayerPlan(layer.name, layer.kwargs, layer.method or sub.method) for layer in sub.layers]
-        return AdapterPlan(method, config, layers)
-    if method.attaches_to == "model":  # one module beside the model (or none: a method that only changes what trains)
+    parts = config.parts(model)
+    if parts:  # a composite config: the layers of each part's plan, each built by its part's method
+        return _plan_parts(model, config, method, parts, initialize, include_adapted)
+    kind = config.attach_kind or method.attaches_to
+    if kind == "model":  # one module beside the model (or none: a method that only changes what trains)
         name = config.attach_name
         targets = [] if name is None else [name]
     else:
-        kind = method.attaches_to
         targets = match_targets(model, config.target_modules, config.exclude_modules, include_adapted, kind)
+    if kind == "parameter":
+        return AdapterPlan(method, config, _parameter_layers(config, targets, initialize))
     plan = AdapterPlan(method, config, [LayerPlan(n, config.layer_kwargs(n, initialize=initialize)) for n in targets])
     for key, unused in _unused_patterns(config, targets).items():
         warnings.warn(
@@ -147,6 +169,45 @@ def plan_adapters(
             stacklevel=3,
         )
     return plan
+
+
+def _plan_parts(
+    model: nn.Module,
+    config: AdapterConfig,
+    method: Method,
+    parts: list[AdapterConfig],
+    initialize: bool,
+    include_adapted: bool,
+) -> AdapterPlan:
+    """The layers of every part's plan. A part whose preset matches nothing is left out when another part has
+    layers (e.g. ``"mlp"`` on a mixture-of-experts model: no linear layer, the expert weights); else its error."""
+    layers: list[LayerPlan] = []
+    errors = []
+    for part in parts:
+        try:
+            sub = _plan(model, part, initialize, include_adapted)
+        except ValueError as err:
+            if not (isinstance(part.target_modules, str) and part.target_modules in PRESETS):
+                raise
+            errors.append(err)
+            continue
+        layers += [LayerPlan(x.name, x.kwargs, x.method or sub.method, x.at) for x in sub.layers]
+    if not layers and errors:
+        raise errors[0]
+    return AdapterPlan(method, config, layers)
+
+
+def _parameter_layers(config: AdapterConfig, names: list[str], initialize: bool) -> list[LayerPlan]:
+    """Parameter adapters: one per parameter, nested per module, the first parameter innermost (as HF PEFT nests)."""
+    by_module: dict[str, list[str]] = {}
+    for name in names:
+        by_module.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    layers = []
+    for module, params in by_module.items():
+        for i, name in enumerate(params):
+            final = module + ".base_layer" * (len(params) - 1 - i)
+            layers.append(LayerPlan(final, config.layer_kwargs(name, initialize=initialize), at=module))
+    return layers
 
 
 def _unused_patterns(config: AdapterConfig, names: list[str]) -> dict[str, list[str]]:
@@ -188,8 +249,9 @@ def build_plan(model: nn.Module, plan: AdapterPlan) -> None:
     at its plan name."""
     for layer in plan.layers:
         method = layer.method or plan.method
-        target = model if method.attaches_to == "model" else model.get_submodule(layer.name)
-        _replace(model, layer.name, method.build(target, **layer.kwargs))
+        where = layer.at or layer.name
+        target = model if method.attaches_to == "model" else model.get_submodule(where)
+        _replace(model, where, method.build(target, **layer.kwargs))
 
 
 def set_trainable_names(model: nn.Module, names: list[str]) -> None:
@@ -259,7 +321,7 @@ def unload_adapters(model: nn.Module, merge: bool = True) -> list[str]:
     if merge:
         merge_adapters(model)  # refuses adapters that cannot be merged, before anything is changed
     restored = []
-    for name, layer in layers:
+    for name, layer in sorted(layers, key=lambda item: -item[0].count(".")):  # nested adapters: innermost first
         if not merge and isinstance(layer, Mergeable) and layer.merged:
             layer.unmerge()
         if isinstance(layer, Wrapping):

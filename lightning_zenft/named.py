@@ -112,7 +112,7 @@ def _stash(model: nn.Module, state: _Adapters) -> _Stored:
             "was injected before named adapters were used on this model); save it and load it by name into a fresh "
             "base instead."
         )
-    for name, layer in layers:
+    for name, layer in sorted(layers, key=lambda item: -item[0].count(".")):  # nested adapters: innermost first
         stored.modules[name] = layer
         if isinstance(layer, Wrapping):
             _replace(model, name, layer.base_layer)
@@ -134,7 +134,7 @@ def _stash(model: nn.Module, state: _Adapters) -> _Stored:
 def _restore(model: nn.Module, state: _Adapters, name: str) -> None:
     """Put the stored adapter ``name`` into ``model`` (no adapter may be active)."""
     stored = state.stored.pop(name)
-    for layer_name, layer in stored.modules.items():
+    for layer_name, layer in reversed(stored.modules.items()):  # outermost first: the reverse of _stash
         if isinstance(layer, Wrapping):
             here = model.get_submodule(layer_name)
             if here is not layer.base_layer:

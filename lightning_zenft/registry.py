@@ -20,6 +20,7 @@ from typing import Any, Literal
 from torch import nn
 
 from lightning_zenft.adapters import DoRALinear, LoRALinear
+from lightning_zenft.adapters.lora_param import LoRAParameter
 from lightning_zenft.config import AdapterConfig, LoRAConfig
 
 AttachesTo = Literal["linear", "embedding", "attention", "mlp", "block", "model"]
@@ -104,9 +105,15 @@ def method_for_peft_type(peft_type: object, path: object = "adapter_config.json"
 
 
 # ---------------------------------------------------------------------------------------------------- factories
-def _lora_layer(base: nn.Module, *, use_dora: bool = False, **kwargs: Any) -> nn.Module:
+def _lora_layer(
+    base: nn.Module, *, use_dora: bool = False, parameter_name: str | None = None, **kwargs: Any
+) -> nn.Module:
+    if parameter_name is not None:  # the stacked expert weights of a mixture-of-experts layer
+        if use_dora:
+            raise ValueError(f"DoRA cannot adapt the expert parameter {parameter_name!r}; use LoRA for experts.")
+        return LoRAParameter(base, parameter_name, **kwargs)
     return (DoRALinear if use_dora else LoRALinear)(base, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------- the methods
-register(Method("lora", LoRAConfig, _lora_layer, "linear", (LoRALinear,), peft_type="LORA"))
+register(Method("lora", LoRAConfig, _lora_layer, "linear", (LoRALinear, LoRAParameter), peft_type="LORA"))

@@ -7,7 +7,9 @@ Kinds of module a method attaches to (:data:`lightning_zenft.registry.AttachesTo
   where they nest: ``self_attn``, GPT-2's ``attn``, BERT's ``attention``);
 * ``"mlp"``: feed-forward modules (named ``mlp``, ``ffn``, ``feed_forward``...);
 * ``"block"``: the transformer blocks (the modules holding an attention module);
-* ``"embedding"``: the input embedding (``get_input_embeddings()``).
+* ``"embedding"``: the input embedding (``get_input_embeddings()``);
+* ``"parameter"``: parameters adapted in place of a layer, named ``<module path>.<parameter>``: the stacked 3-D
+  expert weights of mixture-of-experts layers (``experts.gate_up_proj``...), which no ``nn.Linear`` holds.
 
 Target syntax (``target_modules`` / ``exclude_modules``):
 
@@ -40,7 +42,7 @@ from lightning_zenft.config import PRESETS
 _ATTENTION_HINTS = ("attn", "attention")
 _MLP_SEGMENTS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "output", "block_sparse_moe", "experts")
 _MLP_MODULES = ("mlp", "ffn", "feed_forward", "feedforward")
-KINDS = ("linear", "attention", "mlp", "block", "embedding")
+KINDS = ("linear", "attention", "mlp", "block", "embedding", "parameter")
 
 
 def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -94,7 +96,8 @@ def block_kind(name: str) -> str | None:
     return None
 
 
-def _name_matches(name: str, spec: str | Sequence[str]) -> bool:
+def name_matches(name: str, spec: str | Sequence[str]) -> bool:
+    """Whether ``name`` is selected by a target spec (a regex over the whole name, or names/suffixes on dots)."""
     if isinstance(spec, str):
         if re.fullmatch(spec, name):
             return True
@@ -106,6 +109,44 @@ def _describe(names: Sequence[str]) -> str:
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     examples = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
     return f"leaf names {leaves}; e.g. {examples}"
+
+
+def logical_name(model: nn.Module, name: str) -> str:
+    """``name`` without the ``base_layer`` segments of the adapters it passes through (the name before adapting)."""
+    parts = name.split(".")
+    out: list[str] = []
+    module = model
+    for part in parts:
+        child = getattr(module, part, None) if isinstance(module, nn.Module) else None
+        if not (part == "base_layer" and isinstance(module, Wrapping) and isinstance(module, AdapterModule)):
+            out.append(part)
+        module = child
+    return ".".join(out)
+
+
+def expert_parameter_names(model: nn.Module, include_adapted: bool = False) -> list[str]:
+    """``<module>.<parameter>`` of every 3-D parameter (stacked expert weights), in module order.
+
+    A parameter already adapted counts only with ``include_adapted``; names are those before adapting.
+    """
+    names = []
+    for full, param in model.named_parameters(remove_duplicate=False):
+        if param.dim() != 3:
+            continue
+        module_name = full.rsplit(".", 1)[0] if "." in full else ""
+        inside_adapter = any(isinstance(m, AdapterModule) for m in _chain(model, module_name))
+        if inside_adapter and not include_adapted:
+            continue
+        names.append(logical_name(model, full))
+    return list(dict.fromkeys(names))
+
+
+def _chain(model: nn.Module, name: str) -> Iterator[nn.Module]:
+    """The modules on the path from ``model`` to the module ``name`` (itself included)."""
+    module = model
+    for part in [p for p in name.split(".") if p]:
+        module = getattr(module, part)
+        yield module
 
 
 def _outermost(names: list[str]) -> list[str]:
@@ -120,6 +161,8 @@ def module_candidates(model: nn.Module, kind: str, include_adapted: bool = False
     """
     if kind == "linear":
         return linear_layer_names(model, include_adapted)
+    if kind == "parameter":
+        return expert_parameter_names(model, include_adapted)
     named = list(walk(model))
     position = {}  # name -> the module whose kind decides (the wrapped one for an adapter)
     for name, module in named:
@@ -173,9 +216,9 @@ def match_targets(
         else:
             selected = [n for n in names if n not in heads and block_kind(n) == target_modules]
     else:
-        selected = [n for n in names if _name_matches(n, target_modules)]
+        selected = [n for n in names if name_matches(n, target_modules)]
     if exclude_modules:
-        selected = [n for n in selected if not _name_matches(n, exclude_modules)]
+        selected = [n for n in selected if not name_matches(n, exclude_modules)]
     if not selected:
         raise ValueError(
             f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no linear layer of "
@@ -217,9 +260,9 @@ def _match_modules(
     if target_modules == "all":
         selected = list(names)
     else:
-        selected = [n for n in names if _name_matches(n, target_modules)]
+        selected = [n for n in names if name_matches(n, target_modules)]
     if exclude_modules:
-        selected = [n for n in selected if not _name_matches(n, exclude_modules)]
+        selected = [n for n in selected if not name_matches(n, exclude_modules)]
     if not selected:
         raise ValueError(
             f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no {kind} module of "
