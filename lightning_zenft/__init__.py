@@ -15,6 +15,7 @@ from lightning_zenft.adapters import (
 from lightning_zenft.callbacks.adapters import DoRA, LoRA, trainable_parameters
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.callbacks.kernels import FusedKernels
+from lightning_zenft.callbacks.merge import MergeAdapters
 from lightning_zenft.config import LoRAConfig
 from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
 from lightning_zenft.inject import count_parameters, inject_adapters, match_targets, unload_adapters
@@ -46,6 +47,7 @@ __all__ = [
     "LoRALinear",
     "LowRankUpdate",
     "Mergeable",
+    "MergeAdapters",
     "MemoryEstimate",
     "Recommendation",
     "count_parameters",
