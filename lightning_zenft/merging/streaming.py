@@ -73,7 +73,7 @@ class PretrainedWeights:
         index = self.directory / INDEX_FILE
         if index.is_file():
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            shards = list(dict.fromkeys(weight_map.values()))
+            shards = sorted(set(weight_map.values()))
         elif (self.directory / SINGLE_FILE).is_file():
             shards = [SINGLE_FILE]
             weight_map = {}
@@ -128,8 +128,8 @@ def plan_shards(
 
     With ``max_shard_size``, entries fill shards in order, a new shard starting when the next tensor would pass the
     limit (a tensor larger than the limit gets a shard of its own). Without it, ``base_layout`` (from
-    :meth:`PretrainedWeights.layout`) is kept: each tensor goes where the base had it. One shard is named
-    ``model.safetensors``; several are ``model-0000i-of-0000n.safetensors``.
+    :meth:`PretrainedWeights.layout`) is kept: each tensor goes where the base had it, in a file of the same name.
+    Otherwise one shard is named ``model.safetensors`` and several ``model-0000i-of-0000n.safetensors``.
     """
     if max_shard_size is not None or base_layout is None:
         limit = parse_size(max_shard_size if max_shard_size is not None else "5GB")
@@ -143,10 +143,10 @@ def plan_shards(
             size += entry.nbytes
     else:
         by_name = {entry.name: entry for entry in entries}
-        groups = [[by_name.pop(n) for n in names if n in by_name] for names in base_layout.values()]
+        kept = {shard: [by_name.pop(n) for n in names if n in by_name] for shard, names in base_layout.items()}
         if by_name:
             raise ValueError(f"tensors {sorted(by_name)[:5]} have no shard in the base layout.")
-        groups = [group for group in groups if group]
+        return {shard: group for shard, group in kept.items() if group}
     if len(groups) == 1:
         return {SINGLE_FILE: groups[0]}
     total = len(groups)
