@@ -229,10 +229,10 @@ def export_merged(
         return dequantize_4bit_weight(item.source).to(dtype or item.source.weight.quant_state.dtype)
 
     def prepare(planned: list[TensorEntry]) -> tuple[list[TensorEntry], Callable[[str], torch.Tensor]]:
-        names = {items[e.name].source[0] for e in planned if items[e.name].kind == "requant"}
-        if not names:
+        layers = {items[e.name].source for e in planned if items[e.name].kind == "requant"}
+        if not layers:
             return planned, produce
-        parts = {name: _requantized(items, name, report) for name in names}
+        parts = {name: _requantized(name, layer, report) for name, layer in layers}
 
         def shard_produce(key: str) -> torch.Tensor:
             item = items[key]
@@ -267,9 +267,8 @@ def _merged_base(layer: nn.Module, dtype: torch.dtype | None) -> torch.Tensor:
     return weight.to(dtype or weight.dtype)
 
 
-def _requantized(items: dict[str, _Item], layer_name: str, report: ExportReport) -> dict[str, torch.Tensor]:
+def _requantized(layer_name: str, layer: nn.Module, report: ExportReport) -> dict[str, torch.Tensor]:
     """The 4-bit state-dict tensors of an adapter layer's merged, requantized base."""
-    layer = next(i.source[1] for i in items.values() if i.kind == "requant" and i.source[0] == layer_name)
     base = layer.base_layer
     if layer.merged:
         return dict(base.state_dict())
@@ -316,18 +315,19 @@ def _bnb_config(model: nn.Module) -> Any:
     """A ``BitsAndBytesConfig`` describing the model's 4-bit layers (one setting for all), dense linears skipped."""
     from transformers import BitsAndBytesConfig
 
-    settings = set()
+    settings, compute = set(), set()
     for module in model.modules():
         if is_4bit(module):
             w = module.weight
-            settings.add((w.quant_type, w.compress_statistics, w.quant_storage, w.blocksize,
-                          getattr(module, "compute_dtype", None)))  # fmt: skip
+            settings.add((w.quant_type, w.compress_statistics, w.quant_storage, w.blocksize))
+            compute.add(getattr(module, "compute_dtype", None))
     if len(settings) > 1:
         raise ValueError(
             f"the model's 4-bit layers use different settings {sorted(map(str, settings))}; one checkpoint config "
             "describes one. Export with quantized='dequantize' instead."
         )
-    quant_type, double, storage, blocksize, compute = settings.pop()
+    quant_type, double, storage, blocksize = settings.pop()
+    compute_dtype = next((c for c in compute if c is not None), torch.float32)  # a load-time choice, not stored
     if blocksize != 64:
         raise ValueError(f"transformers loads 4-bit checkpoints with blocksize 64; these layers use {blocksize}.")
     dense = sorted(name for name, m in model.named_modules() if isinstance(m, nn.Linear) and not is_4bit(m) and name)
@@ -336,6 +336,6 @@ def _bnb_config(model: nn.Module) -> Any:
         bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=double,
         bnb_4bit_quant_storage=storage,
-        bnb_4bit_compute_dtype=compute or torch.float32,
+        bnb_4bit_compute_dtype=compute_dtype,
         llm_int8_skip_modules=dense or None,
     )
