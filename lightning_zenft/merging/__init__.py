@@ -3,7 +3,8 @@
 * tensor level (``peft.utils.merge_utils``' names and argument order): :func:`task_arithmetic`, :func:`ties`,
   :func:`dare_linear`, :func:`dare_ties`, :func:`magnitude_prune`, and :func:`magnitude_threshold` /
   :class:`GlobalMagnitudeThreshold` for trimming over a whole task vector;
-* saved models: :func:`merge_pretrained` merges adapters, or N fine-tunes, into a base directory, tensor by tensor;
+* saved models: :func:`merge_pretrained` merges adapters, or N fine-tunes, into a base directory (dense, or 4-bit and
+  dequantized), tensor by tensor;
   :func:`combine_adapters` combines LoRA adapters into one adapter (on the products with an SVD back to rank ``r``,
   or on A and B as PEFT does);
 * models in memory: :func:`export_merged` writes the merged model without changing it; :func:`merge_and_unload`

@@ -31,7 +31,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Merge LoRA/DoRA adapters or fine-tuned checkpoints of one base into a plain transformers model "
         "(streamed tensor by tensor), or combine LoRA adapters into one adapter (--save-adapter).",
     )
-    parser.add_argument("--base", type=Path, help="the base model directory (save_pretrained, safetensors)")
+    parser.add_argument(
+        "--base", type=Path, help="the base model directory (save_pretrained, safetensors; 4-bit ones are dequantized)"
+    )
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--adapters", nargs="+", type=Path, metavar="DIR", help="PEFT-format adapter directories")
     inputs.add_argument("--models", nargs="+", type=Path, metavar="DIR", help="fine-tuned checkpoints of the base")

@@ -8,6 +8,9 @@ one per input, the result), never a shard or a model: the header of each output 
 
 * One adapter, ``task_arithmetic`` with weight 1 (the default) is the plain merge: the output tensor IS
   ``merged_weight(W)``, the weight the adapted model computes with.
+* A 4-bit base saved by ``transformers`` with bitsandbytes is read dequantized
+  (:class:`~lightning_zenft.merging.quantized_files.DequantizedWeights`) and the merge is written dense, in the dtype
+  recorded for each weight (or ``dtype``), without the ``quantization_config``.
 * ``trim="global"`` (TIES, magnitude pruning) trims each input over its whole task vector, as the TIES paper does,
   instead of per tensor: two extra streaming passes find the exact magnitude threshold per input
   (:class:`~lightning_zenft.merging.task_vectors.GlobalMagnitudeThreshold`). An adapter's task vector is the tensors it
@@ -38,6 +41,7 @@ from typing import Literal
 import torch
 
 from lightning_zenft.merging.adapter_files import AdapterFile, load_adapter_layers
+from lightning_zenft.merging.quantized_files import DequantizedWeights, open_weights
 from lightning_zenft.merging.safetensors_io import TensorEntry
 from lightning_zenft.merging.streaming import (
     PretrainedWeights,
@@ -58,6 +62,7 @@ from lightning_zenft.merging.task_vectors import (
 )
 
 Trim = Literal["tensor", "global"]
+Weights = PretrainedWeights | DequantizedWeights
 BaseMismatch = Literal["error", "warn"]
 
 
@@ -86,7 +91,7 @@ class _AdapterInput:
 
 
 class _ModelInput:
-    def __init__(self, weights: PretrainedWeights, floating: set[str]) -> None:
+    def __init__(self, weights: Weights, floating: set[str]) -> None:
         self.weights, self.name = weights, str(weights.directory)
         self.keys = floating
 
@@ -124,7 +129,7 @@ def _check_base_name(adapters: Sequence[AdapterFile], base_dir: Path, policy: Ba
     return notes
 
 
-def _check_adapter_shapes(adapter: AdapterFile, base: PretrainedWeights) -> None:
+def _check_adapter_shapes(adapter: AdapterFile, base: Weights) -> None:
     for key, path in adapter.weight_keys().items():
         if key not in base.shard_of:
             raise ValueError(
@@ -147,7 +152,7 @@ def _check_adapter_shapes(adapter: AdapterFile, base: PretrainedWeights) -> None
             )
 
 
-def _check_model_shapes(model: PretrainedWeights, base: PretrainedWeights) -> set[str]:
+def _check_model_shapes(model: Weights, base: Weights) -> set[str]:
     """The floating tensors of a fine-tuned model, after checking it holds exactly the base's tensors and shapes."""
     missing = sorted(set(base.shard_of) - set(model.shard_of))
     extra = sorted(set(model.shard_of) - set(base.shard_of))
@@ -187,7 +192,8 @@ def merge_pretrained(
     """Merge ``adapters`` (PEFT-format directories) or ``models`` (``save_pretrained`` fine-tunes) into ``base``.
 
     Args:
-        base: the base model's ``save_pretrained`` directory (``model.safetensors`` or an index with shards).
+        base: the base model's ``save_pretrained`` directory (``model.safetensors`` or an index with shards; a
+            bitsandbytes 4-bit checkpoint is dequantized).
         out: the merged model's directory, a plain ``transformers`` checkpoint (weights, config, tokenizer files).
         adapters / models: the inputs (give one kind).
         method: ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties`` or ``magnitude_prune``.
@@ -215,7 +221,7 @@ def merge_pretrained(
     if len(weights) != len(inputs_paths):
         raise ValueError(f"got {len(weights)} weights for {len(inputs_paths)} inputs; give one weight per input.")
 
-    base_weights = PretrainedWeights(base_dir)
+    base_weights = open_weights(base_dir)
     report = MergeReport(out=out)
     sources: list[_AdapterInput | _ModelInput] = []
     if adapters:
@@ -226,7 +232,7 @@ def merge_pretrained(
         sources = [_AdapterInput(a) for a in files]
     else:
         for path in models:
-            model = PretrainedWeights(path)
+            model = open_weights(path)
             sources.append(_ModelInput(model, _check_model_shapes(model, base_weights)))
     touched = set().union(*(s.keys for s in sources))
 
@@ -277,7 +283,7 @@ def merge_pretrained(
 
 
 def _global_thresholds(
-    base: PretrainedWeights,
+    base: Weights,
     sources: Sequence[_AdapterInput | _ModelInput],
     touched: set[str],
     density: float,
@@ -303,13 +309,16 @@ def _global_thresholds(
     return [counter.value() for counter in counters]
 
 
-def _write_config(base: PretrainedWeights, tmp: Path, dtype: torch.dtype | None) -> None:
-    """Copy the base's non-weight files; ``config.json`` records the new dtype when the merge changed it."""
-    copy_non_weight_files(base.directory, tmp, skip=("config.json",) if dtype is not None else ())
+def _write_config(base: Weights, tmp: Path, dtype: torch.dtype | None) -> None:
+    """Copy the base's non-weight files; ``config.json`` records a changed dtype, and loses the quantization config
+    of a 4-bit base (the merge is dense)."""
+    rewrite = dtype is not None or isinstance(base, DequantizedWeights)
+    copy_non_weight_files(base.directory, tmp, skip=("config.json",) if rewrite else ())
     config = base.config()
-    if dtype is not None and config:
-        name = str(dtype).removeprefix("torch.")
-        config["dtype"] = name
-        if "torch_dtype" in config:
-            config["torch_dtype"] = name
+    if rewrite and config:
+        if dtype is not None:
+            name = str(dtype).removeprefix("torch.")
+            config["dtype"] = name
+            if "torch_dtype" in config:
+                config["torch_dtype"] = name
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -185,3 +185,31 @@ def test_a_weight_repacked_for_the_cpu_kernel_dequantizes_to_its_values():
     # the repacked layer keeps its block scales in bf16: the same values to bf16's precision
     torch.testing.assert_close(dequantize_4bit_weight(layer).float(), before.float(), atol=0, rtol=2**-8)
     assert layer.weight.quant_state.packing_format_for_cpu  # read without changing the layer
+
+
+def test_a_saved_4bit_checkpoint_merges_into_a_dense_model(tmp_path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from lightning_zenft import save_adapter
+    from lightning_zenft.merging import merge_pretrained
+
+    config = tiny_config("llama")
+    config.hidden_size, config.intermediate_size = 64, 128
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).float().save_pretrained(tmp_path / "dense")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+    q4 = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", quantization_config=quantization, device_map="cpu")
+    q4.save_pretrained(tmp_path / "q4")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q4", device_map="cpu")
+    inject_adapters(model, LoRAConfig(r=4, alpha=8, target_modules=["q_proj", "down_proj"], use_rslora=True))
+    randomize(model, seed=5)
+    for module in model.modules():
+        module.support_avx512bf16_for_cpu = False
+    save_adapter(model, tmp_path / "adapter")
+    merge_pretrained(tmp_path / "q4", tmp_path / "merged", adapters=[tmp_path / "adapter"])
+    assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
+    merged = load_base(tmp_path / "merged")
+    assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
+    ids = token_batch()
+    torch.testing.assert_close(logits(merged, ids), logits(model.eval(), ids), atol=1e-5, rtol=1e-5)
