@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from lightning_zenft.merging.streaming import INDEX_FILE
 
-SHARDS, PER_SHARD, SIDE, RANK = 3, 8, 512, 8  # 3 shards x 8 tensors x 1 MiB = 8 MiB a shard
+SHARDS, PER_SHARD, SIDE, RANK = 3, 8, 1024, 8  # 3 shards x 8 tensors x 4 MiB = 32 MiB a shard
 
 _MEASURE = """
 import json, sys
@@ -32,7 +32,7 @@ def status(field):
             return int(line.split()[1]) * 1024
 
 base, adapter, out, small_base, small_adapter = map(Path, sys.argv[1:6])
-merge_pretrained(small_base, out.with_name("warm-up"), adapters=[small_adapter])  # lazy imports, first calls
+merge_pretrained(small_base, out.with_name("warm-up"), adapters=[small_adapter])  # imports, first-call buffers
 open("/proc/self/clear_refs", "w").write("5")
 before = status("VmRSS")
 merge_pretrained(base, out, adapters=[adapter])
@@ -66,7 +66,7 @@ def _write_model(base: Path, adapter: Path, shards: int = SHARDS, per_shard: int
 def test_streaming_merge_peak_memory_stays_under_two_shards(tmp_path):
     base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
     _write_model(base, adapter)
-    _write_model(tmp_path / "small-base", tmp_path / "small-adapter", shards=2, per_shard=1, side=16)
+    _write_model(tmp_path / "small-base", tmp_path / "small-adapter", shards=1, per_shard=2)  # the warm-up
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     paths = [base, adapter, out, tmp_path / "small-base", tmp_path / "small-adapter"]
     result = subprocess.run([sys.executable, "-c", _MEASURE, *map(str, paths)],
