@@ -52,6 +52,13 @@ class MergeAdapters(Callback):
         only_within_limits: merge only if every callback with ``within_limits()`` returns True.
 
     After ``fit``: :attr:`report` (what was written) or :attr:`skipped` (why nothing was).
+
+    Example::
+
+        merge = MergeAdapters("merged", dtype="bfloat16", only_within_limits=True)
+        trainer = L.Trainer(callbacks=[LoRA(r=16), ForgettingMonitor(...), merge])
+        trainer.fit(module)
+        print(merge.report or merge.skipped)
     """
 
     def __init__(

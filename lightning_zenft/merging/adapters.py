@@ -28,6 +28,7 @@ from lightning_zenft.adapters._base import dense_weight, is_conv1d
 from lightning_zenft.merging.quantized import (
     QuantizationError,
     dense_copy,
+    dense_dtype,
     dequantize_4bit_weight,
     is_4bit,
     merge_into_4bit,
@@ -102,7 +103,7 @@ def merge_and_unload(
         base = layer.base_layer  # type: ignore[attr-defined]
         if is_4bit(base) and quantized == "dequantize":
             weight = base_dense_weight(base) if layer.merged else layer.merged_weight(base_dense_weight(base).float())
-            base = dense_copy(base, weight, dtype or dequantize_4bit_weight(base).dtype)
+            base = dense_copy(base, weight, dtype or dense_dtype(base))
         elif is_4bit(base):
             if not layer.merged:
                 errors[name] = merge_into_4bit(layer)

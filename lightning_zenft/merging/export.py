@@ -37,10 +37,12 @@ from lightning_zenft.merging.adapters import (
 )
 from lightning_zenft.merging.quantized import (
     QuantizationError,
+    dense_dtype,
     dequantize_4bit_weight,
     is_4bit,
     quantization_error,
     quantize_like,
+    state_shape,
 )
 from lightning_zenft.merging.safetensors_io import TensorEntry
 from lightning_zenft.merging.streaming import (
@@ -176,8 +178,7 @@ def _entry(key: str, item: _Item, dtype: torch.dtype | None) -> TensorEntry:
         return TensorEntry(key, current.dtype, tuple(current.shape))
     module = item.source.base_layer if item.kind == "adapted" else item.source
     if is_4bit(module):  # a Linear4bit: (out, in), never a Conv1D
-        state = module.weight.quant_state
-        return TensorEntry(key, dtype or state.dtype, tuple(int(n) for n in state.shape))
+        return TensorEntry(key, dtype or dense_dtype(module), state_shape(module))
     return TensorEntry(key, dtype or module.weight.dtype, tuple(module.weight.shape))  # storage layout
 
 
@@ -226,7 +227,7 @@ def export_merged(
             return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         if item.kind == "adapted":
             return adapted_weight(item.source, dtype) if not item.source.merged else _merged_base(item.source, dtype)
-        return dequantize_4bit_weight(item.source).to(dtype or item.source.weight.quant_state.dtype)
+        return dequantize_4bit_weight(item.source).to(dtype or dense_dtype(item.source))
 
     def prepare(planned: list[TensorEntry]) -> tuple[list[TensorEntry], Callable[[str], torch.Tensor]]:
         layers = {items[e.name].source for e in planned if items[e.name].kind == "requant"}

@@ -70,6 +70,14 @@ def _packed_state(module: nn.Module) -> tuple[torch.Tensor, Any]:
     return weight.data, state
 
 
+def dense_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a 4-bit layer's weight dequantizes to (the one it had before quantization)."""
+    state = module.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):  # the CPU repacking records the original apart
+        return state.original_dtype
+    return state.dtype
+
+
 def dequantize_4bit_weight(module: nn.Module) -> torch.Tensor:
     """The dense ``(out, in)`` weight of a 4-bit layer, in the dtype it had before quantization."""
     if not is_4bit(module):

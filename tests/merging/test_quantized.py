@@ -174,17 +174,39 @@ def test_requantized_export_loads_in_transformers_as_the_requantized_model(tmp_p
 
 
 @pytest.mark.skipif(not functional.has_avx512bf16(), reason="bitsandbytes repacks CPU weights only with AVX512-BF16")
-def test_a_weight_repacked_for_the_cpu_kernel_dequantizes_to_its_values():
+def test_a_weight_repacked_for_the_cpu_kernel_dequantizes_to_its_values(tmp_path):
     torch.manual_seed(1)
-    layer = to_4bit(nn.Linear(64, 64), double=False)
+    dense = nn.Linear(64, 64)
+    lora = LoRALinear(dense, r=2, alpha=4)
+    randomize(lora)
+    layer = lora.base_layer = to_4bit(dense, double=False)
     before = dequantize_4bit_weight(layer)
     layer.support_avx512bf16_for_cpu = True
     with torch.no_grad():
         layer.eval()(torch.randn(2, 64))  # bitsandbytes repacks the weight in place here
     assert layer.weight.quant_state.packing_format_for_cpu
     # the repacked layer keeps its block scales in bf16: the same values to bf16's precision
-    torch.testing.assert_close(dequantize_4bit_weight(layer).float(), before.float(), atol=0, rtol=2**-8)
+    after = dequantize_4bit_weight(layer)
+    assert after.dtype == before.dtype == torch.float32
+    torch.testing.assert_close(after, before, atol=0, rtol=2**-8)
     assert layer.weight.quant_state.packing_format_for_cpu  # read without changing the layer
+    export_merged(nn.Sequential(lora), tmp_path / "out")  # planned and written in the weight's own dtype
+    written = SafetensorsReader(tmp_path / "out" / "model.safetensors").read("0.weight")
+    torch.testing.assert_close(written, lora.merged_weight(after))
+
+
+def test_the_dense_merge_error_points_to_what_merges_4bit_bases():
+    dense = nn.Linear(64, 32)
+    layer = LoRALinear(dense, r=2, alpha=4)
+    randomize(layer)
+    layer.base_layer = to_4bit(dense)
+    model = nn.Sequential(layer)
+    with pytest.raises(TypeError, match=r"lightning_zenft\.merging handles 4-bit bases"):
+        layer.merge()
+    merged = layer.merged_weight(dequantize_4bit_weight(layer.base_layer))
+    merge_and_unload(model)  # the pointer is true: this merges it
+    assert type(model[0]) is nn.Linear
+    torch.testing.assert_close(model[0].weight, merged)
 
 
 def test_a_saved_4bit_checkpoint_merges_into_a_dense_model(tmp_path):
