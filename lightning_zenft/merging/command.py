@@ -72,8 +72,8 @@ def _usage_problems(args: argparse.Namespace) -> list[str]:
         problems.append("--rank applies to --save-adapter with --combine products")
     if args.combine == "factors" and args.models:
         problems.append("--combine factors applies to LoRA adapters, not --models")
-    if args.trim == "global" and args.save_adapter:
-        problems.append("--trim global applies to merges into the base, not --save-adapter")
+    if args.trim == "global" and (args.save_adapter or args.combine == "factors"):
+        problems.append("--trim global applies to merges of task vectors into the base, not to combined factors")
     return problems
 
 

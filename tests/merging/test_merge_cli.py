@@ -127,6 +127,10 @@ def test_refusals_name_the_tensor_the_shapes_and_the_way_out(tmp_path, saved, ca
         (["--models", "a", "--save-adapter", "--out", "o"], "does not take --models"),
         (["--base", "b", "--models", "a", "--combine", "factors", "--out", "o"], "not --models"),
         (["--adapters", "a", "--save-adapter", "--trim", "global", "--out", "o"], "--trim global applies"),
+        (
+            ["--base", "b", "--adapters", "a", "--combine", "factors", "--trim", "global", "--out", "o"],
+            "not to combined",
+        ),
         (["--adapters", "a", "--save-adapter", "--dtype", "bfloat16", "--out", "o"], "--dtype and --max-shard-size"),
         (["--base", "b", "--adapters", "a", "--models", "m", "--out", "o"], "not allowed with argument"),
         (["--base", "b", "--adapters", "a", "--method", "slerp", "--out", "o"], "invalid choice: 'slerp'"),

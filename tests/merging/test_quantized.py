@@ -235,3 +235,20 @@ def test_a_saved_4bit_checkpoint_merges_into_a_dense_model(tmp_path):
     assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
     ids = token_batch()
     torch.testing.assert_close(logits(merged, ids), logits(model.eval(), ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_merge_into_a_cuda_4bit_base_is_within_the_bound():
+    torch.manual_seed(0)
+    dense = nn.Linear(32, 32)  # rows shorter than a block: the shape the CPU kernel mishandles
+    layer = LoRALinear(dense, r=4, alpha=8)
+    randomize(layer, scale=0.2)
+    quantized = to_4bit(dense)
+    layer.base_layer = quantized.to("cuda")
+    layer.lora_A.cuda(), layer.lora_B.cuda()
+    merged = layer.merged_weight(dequantize_4bit_weight(layer.base_layer).float())  # (out, in) on the GPU
+    error = merge_into_4bit(layer)
+    restored = dequantize_4bit_weight(layer.base_layer).float()
+    assert restored.device.type == "cuda"
+    assert ((restored - merged).abs() <= _bound(merged, layer.base_layer, "nf4") + 1e-6).all()
+    assert error.relative < 0.15
