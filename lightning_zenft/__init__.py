@@ -16,6 +16,7 @@ from lightning_zenft.callbacks._adapter import AdapterCallback, trainable_parame
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.callbacks.kernels import FusedKernels
 from lightning_zenft.callbacks.lora import DoRA, LoRA
+from lightning_zenft.callbacks.merge import MergeAdapters
 from lightning_zenft.config import AdapterConfig, LoRAConfig
 from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
 from lightning_zenft.inject import (
@@ -65,6 +66,7 @@ __all__ = [
     "LoRALinear",
     "LowRankUpdate",
     "Mergeable",
+    "MergeAdapters",
     "MemoryEstimate",
     "Recommendation",
     "active_adapter",

@@ -12,7 +12,8 @@
     data:
       train_file: train.jsonl
 
-``zenft recommend ...`` and ``zenft estimate ...`` answer "which recipe?" and "will it fit?" before a run.
+``zenft recommend ...`` and ``zenft estimate ...`` answer "which recipe?" and "will it fit?" before a run;
+``zenft merge ...`` merges adapters or fine-tunes into their base afterwards.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ HELPER_COMMANDS = ("recommend", "estimate")
 DESCRIPTION = (
     "Fine-tune a causal LM with Lightning: zenft fit|validate|test --config run.yaml. "
     "Planning: zenft recommend --help (method, rank, learning rate, epochs, data verdict) and "
-    "zenft estimate --help (per-GPU memory)."
+    "zenft estimate --help (per-GPU memory). Merging: zenft merge --help."
 )
 
 
@@ -61,6 +62,10 @@ def cli_main(args: list[str] | None = None, **kwargs: Any) -> ZenftCLI:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``zenft``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "merge":
+        from lightning_zenft.merging.command import merge_main
+
+        return merge_main(args[1:])
     if args and args[0] in HELPER_COMMANDS:
         from lightning_zenft.planning.commands import estimate_main, recommend_main
 
