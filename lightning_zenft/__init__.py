@@ -14,7 +14,9 @@ from lightning_zenft.adapters import (
 )
 from lightning_zenft.callbacks.adapters import DoRA, LoRA, trainable_parameters
 from lightning_zenft.callbacks.export import SaveAdapter
+from lightning_zenft.callbacks.forgetting_monitor import ForgettingMonitor
 from lightning_zenft.callbacks.kernels import FusedKernels
+from lightning_zenft.callbacks.pareto_checkpoint import ParetoCheckpoint
 from lightning_zenft.config import LoRAConfig
 from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
 from lightning_zenft.inject import count_parameters, inject_adapters, match_targets, unload_adapters
@@ -65,4 +67,6 @@ __all__ = [
     "unload_adapters",
     "unmerge_adapters",
     "Wrapping",
+    "ForgettingMonitor",
+    "ParetoCheckpoint",
 ]
