@@ -83,7 +83,8 @@ class ParetoCheckpoint(Checkpoint):
     """Keep the checkpoint with the best task metric among those within the forgetting limit.
 
     Needs a :class:`~lightning_zenft.ForgettingMonitor` in the same Trainer with a task metric (``task_probes`` or
-    ``task_metric``); it is measured at the monitor's steps.
+    ``task_metric``); it is measured at the monitor's steps. It is a Lightning ``Checkpoint`` callback: the Trainer
+    keeps ``enable_checkpointing=True`` (the default) and adds no default ``ModelCheckpoint`` beside it.
 
     Args:
         dirpath: where the checkpoint goes; default ``<default_root_dir>/pareto``.
