@@ -79,12 +79,12 @@ def counting_accuracy(model: torch.nn.Module, rows: torch.Tensor) -> float:
 
 
 class CounterLM(L.LightningModule):
-    """Fine-tunes the counting model on the stride-``TASK_STRIDE`` task, AdamW over ``self.parameters()``."""
+    """Fine-tunes the counting model on the stride-``TASK_STRIDE`` task, AdamW (or SGD) over ``self.parameters()``."""
 
-    def __init__(self, lr: float = 0.05, n_train: int = 64, batch_size: int = 8) -> None:
+    def __init__(self, lr: float = 0.05, n_train: int = 64, batch_size: int = 8, optimizer: str = "adamw") -> None:
         super().__init__()
         self.model = counter_model()
-        self.lr, self.n_train, self.batch_size = lr, n_train, batch_size
+        self.lr, self.n_train, self.batch_size, self.optimizer = lr, n_train, batch_size, optimizer
         self.losses: list[float] = []
 
     def training_step(self, batch, batch_idx):
@@ -94,6 +94,8 @@ class CounterLM(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
     def train_dataloader(self):
