@@ -8,6 +8,7 @@ Llama learns it to ~100% next-token accuracy in a few dozen steps (pretrained on
 from __future__ import annotations
 
 import functools
+import json
 import struct
 from pathlib import Path
 
@@ -147,3 +148,65 @@ def wandb_records(run_dir: Path) -> list:
             out.append(record)
             pending = b""
     return out
+
+
+# ------------------------------------------------------------------------------------------- multi-process runs
+def distributed_probes() -> dict:
+    """A 7-row LM probe and a 5-question choice probe: uneven shards (4 + 3, 3 + 2) on 2 ranks."""
+    from lightning_zenft.data.probes import ChoiceItem, ChoiceProbe, LMProbe
+
+    g = torch.Generator().manual_seed(3)
+    items = []
+    for q in range(5):
+        context = stride_rows(1, 1, seed=20 + q, seq=4)[0].tolist()
+        right = [(context[-1] + 1) % V]
+        wrong = [[int(t)] for t in torch.randint(0, V, (2,), generator=g) if int(t) != right[0]]
+        items.append(ChoiceItem(context, [right, *wrong], answer=0))
+    return {
+        "general": LMProbe.from_rows(list(stride_rows(7, 1, seed=5)), batch_size=2),
+        "counting_choice": ChoiceProbe(items, batch_size=2),
+    }
+
+
+def distributed_monitor():
+    from lightning_zenft import ForgettingMonitor
+    from lightning_zenft.data.probes import LMProbe
+
+    return ForgettingMonitor(
+        probes=distributed_probes(),
+        task_probes={"task": LMProbe.from_rows(list(stride_rows(6, TASK_STRIDE, seed=6)), batch_size=4)},
+        every_n_steps=1,
+        max_drop=30.0,
+        on_exceed="stop",
+    )
+
+
+class InOrderCounter(CounterLM):
+    """Rank r takes rows r, r + w, ... in order (Lightning's own sampler would shuffle), so two ranks' batches of 4
+    are one process's batch of 8. SGD: Adam's first steps (g / |g|) would turn float rounding in near-zero gradients
+    into +-lr updates."""
+
+    def __init__(self, devices: int) -> None:
+        super().__init__(lr=1.0, n_train=64, batch_size=8 // devices, optimizer="sgd")
+
+    def train_dataloader(self):
+        from torch.utils.data import DistributedSampler
+
+        loader = super().train_dataloader()
+        world, rank = self.trainer.world_size, self.trainer.global_rank
+        sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=False)
+        return DataLoader(loader.dataset, batch_size=self.batch_size, sampler=sampler)
+
+
+class DumpHistory(L.Callback):
+    """Each rank writes ``rank<r>.json``: the monitor's history, the final step, the stop checkpoint."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        from lightning_zenft import ForgettingMonitor
+
+        (monitor,) = [cb for cb in trainer.callbacks if isinstance(cb, ForgettingMonitor)]
+        out = {"history": monitor.history, "global_step": trainer.global_step, "stop": str(monitor.stop_checkpoint)}
+        (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))

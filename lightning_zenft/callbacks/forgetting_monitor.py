@@ -96,13 +96,21 @@ class ForgettingMonitor(Callback):
         plot_path: at the end, the curves as a PNG here (relative paths under ``default_root_dir``).
         prog_bar: show the worst drop in the progress bar as ``forgetting``.
 
-    Example::
+    Example:
+        >>> import torch
+        >>> from lightning_zenft.data.probes import LMProbe
+        >>> general = LMProbe.from_rows([torch.arange(16), torch.arange(5, 21)])  # or a DataLoader, or "probe.jsonl"
+        >>> monitor = ForgettingMonitor(probes={"general": general}, every_n_steps=200, max_drop=5.0, on_exceed="stop")
+        >>> monitor.every_n_steps, monitor.history
+        (200, [])
 
-        monitor = ForgettingMonitor(probes={"general": general_loader, "mmlu_sample": "mc_probe.jsonl"},
-                                    every_n_steps=200, max_drop=5.0, on_exceed="stop")
-        trainer = L.Trainer(callbacks=[LoRA(r=16), monitor], logger=WandbLogger(project="ft"))
-        trainer.fit(module, datamodule)
-        monitor.within_limits(), monitor.history[-1]["drops"]
+        In a run (``general_loader`` a DataLoader of LM batches, ``mc_probe.jsonl`` multiple-choice records)::
+
+            monitor = ForgettingMonitor(probes={"general": general_loader, "mmlu_sample": "mc_probe.jsonl"},
+                                        every_n_steps=200, max_drop=5.0, on_exceed="stop")
+            trainer = L.Trainer(callbacks=[LoRA(r=16), monitor], logger=WandbLogger(project="ft"))
+            trainer.fit(module, datamodule)
+            monitor.within_limits(), monitor.history[-1]["drops"]
     """
 
     def __init__(

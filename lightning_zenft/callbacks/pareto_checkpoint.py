@@ -92,12 +92,16 @@ class ParetoCheckpoint(Checkpoint):
         max_drop: a limit of its own on the worst accuracy drop, in points (e.g. pick within 2 points while the
             monitor only warns above 5); ``None``: the monitor's verdict.
 
-    Example::
+    Example:
+        >>> pareto = ParetoCheckpoint(max_drop=2.0)  # keep the best task step within 2 points of forgetting
+        >>> pareto.best_model_path, pareto.points
+        ('', [])
 
-        monitor = ForgettingMonitor(probes={"general": general}, task_probes={"task": task_val}, max_drop=5.0)
-        pareto = ParetoCheckpoint(max_drop=2.0)
-        L.Trainer(callbacks=[LoRA(r=8), monitor, pareto]).fit(module)
-        pareto.best_model_path, pareto.points
+        In a run::
+
+            monitor = ForgettingMonitor(probes={"general": general}, task_probes={"task": task_val}, max_drop=5.0)
+            L.Trainer(callbacks=[LoRA(r=8), monitor, pareto]).fit(module)
+            pareto.best_model_path, pareto.chosen, pareto.points
     """
 
     def __init__(

@@ -1,91 +1,48 @@
-"""ForgettingMonitor under DDP (2 CPU processes over gloo): each rank scores its shard, the results are reduced.
+"""ForgettingMonitor on 2 CPU processes (gloo): each rank scores its shard of each probe, the results are reduced.
 
-Two ranks with 4 rows per batch see the same gradients (averaged) as one process with 8, so the 2-process run and the
-1-process run measure the same models: the measurements must agree (the baseline to float64 rounding, later steps to
-float32 rounding of the averaged gradients), every rank must hold the same history, and a stop must happen on both
-ranks at the same step with one checkpoint written.
+Two ranks with 4 rows per batch take the same SGD steps (gradients averaged) as one process with 8, so the 2-process
+runs (DDP, and FSDP2 through Lightning's ModelParallelStrategy) measure the models one process measures: the baseline
+to float64 rounding, later steps to float32 rounding. Every rank must hold the same history, and a stop must happen
+on both ranks at the same step with one checkpoint written. The probes have 7 rows and 5 questions, so the shards
+are uneven and padded (a sharded model needs the same number of forward passes on every rank).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
-from forgetting_testing import TASK_STRIDE, CounterLM, stride_rows, trainer
-from lightning.pytorch.callbacks import Callback
-from torch.utils.data import DataLoader, DistributedSampler
+import torch.multiprocessing as mp
+from forgetting_testing import DumpHistory, InOrderCounter, distributed_monitor, trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
 
-from lightning_zenft import ForgettingMonitor, LoRA
-from lightning_zenft.data.probes import ChoiceItem, ChoiceProbe, LMProbe
-
-
-def _probes() -> dict:
-    g = torch.Generator().manual_seed(3)
-    items = []
-    for q in range(5):  # 5 questions over 2 ranks: shards of 3 and 2 + a placeholder
-        context = stride_rows(1, 1, seed=20 + q, seq=4)[0].tolist()
-        right = [(context[-1] + 1) % 32]
-        wrong = [[int(t)] for t in torch.randint(0, 32, (2,), generator=g) if int(t) != right[0]]
-        items.append(ChoiceItem(context, [right, *wrong], answer=0))
-    return {
-        "general": LMProbe.from_rows(list(stride_rows(7, 1, seed=5)), batch_size=2),  # 7 rows: 4 and 3 + 1
-        "counting_choice": ChoiceProbe(items, batch_size=2),
-    }
+from lightning_zenft import LoRA
 
 
-class InOrderCounter(CounterLM):
-    """Rank r takes rows r, r + w, ... in order (Lightning's own sampler would shuffle), so the two ranks' batches
-    of 4 together are the one process's batch of 8."""
-
-    def train_dataloader(self):
-        loader = super().train_dataloader()
-        world, rank = self.trainer.world_size, self.trainer.global_rank
-        sampler = DistributedSampler(loader.dataset, num_replicas=world, rank=rank, shuffle=False)
-        return DataLoader(loader.dataset, batch_size=self.batch_size, sampler=sampler)
-
-
-class DumpHistory(Callback):
-    def __init__(self, directory) -> None:
-        self.directory = directory
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        (monitor,) = [cb for cb in trainer.callbacks if isinstance(cb, ForgettingMonitor)]
-        out = {
-            "history": monitor.history,
-            "global_step": trainer.global_step,
-            "checkpoint": str(monitor.stop_checkpoint),
-        }
-        (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(out))
-
-
-def _run(root, devices: int, batch_size: int) -> None:
-    monitor = ForgettingMonitor(
-        probes=_probes(),
-        task_probes={"task": LMProbe.from_rows(list(stride_rows(6, TASK_STRIDE, seed=6)), batch_size=4)},
-        every_n_steps=1,
-        max_drop=30.0,
-        on_exceed="stop",
-    )
-    strategy = "ddp_fork" if devices > 1 else "auto"
-    # SGD: Adam's first steps (g / |g|) would turn float rounding in near-zero gradients into +-lr updates
-    module = InOrderCounter(lr=1.0, n_train=64, batch_size=batch_size, optimizer="sgd")
+def _fit(root: Path, devices: int) -> None:
     torch.manual_seed(0)  # LoRA's A init; forked ranks inherit this state, and DDP broadcasts rank 0's weights
+    strategy = "ddp_fork" if devices > 1 else "auto"
+    callbacks = [LoRA(r=4, alpha=8), distributed_monitor(), DumpHistory(root)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = trainer(
-            root, [LoRA(r=4, alpha=8), monitor, DumpHistory(root)], max_steps=6, devices=devices, strategy=strategy
-        )
-        fit.fit(module)
+        fit = trainer(root, callbacks, max_steps=6, devices=devices, strategy=strategy, use_distributed_sampler=False)
+        fit.fit(InOrderCounter(devices))
 
 
-@pytest.mark.slow
-def test_two_processes_measure_what_one_process_measures(tmp_path):
-    _run(tmp_path / "one", devices=1, batch_size=8)
-    _run(tmp_path / "two", devices=2, batch_size=4)
-    one = json.loads((tmp_path / "one" / "rank0.json").read_text())
-    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in range(2)]
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("one")
+    _fit(root, devices=1)
+    return json.loads((root / "rank0.json").read_text())
+
+
+def _check(one: dict, root: Path) -> None:
+    ranks = [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank holds the same reduced numbers and took the same action
     two = ranks[0]
     assert [r["step"] for r in two["history"]] == [r["step"] for r in one["history"]]
@@ -99,6 +56,49 @@ def test_two_processes_measure_what_one_process_measures(tmp_path):
     baseline_one, baseline_two = one["history"][0]["metrics"], two["history"][0]["metrics"]
     assert baseline_two["general"]["accuracy"] == baseline_one["general"]["accuracy"]  # counts: exact
     assert baseline_two["counting_choice"]["accuracy"] == baseline_one["counting_choice"]["accuracy"]
-    checkpoints = list((tmp_path / "two" / "forgetting").iterdir())
-    assert [c.name for c in checkpoints] == [f"forgetting-stop-step={two['global_step']}.ckpt"]
-    assert torch.load(checkpoints[0], weights_only=False)["global_step"] == two["global_step"]
+    stops = list((root / "forgetting").iterdir())
+    assert [s.name for s in stops] == [f"forgetting-stop-step={two['global_step']}.ckpt"]  # one, renamed into place
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_measure_what_one_process_measures(tmp_path, one_process):
+    _fit(tmp_path, devices=2)
+    _check(one_process, tmp_path)
+    assert (
+        torch.load(tmp_path / "forgetting" / os.listdir(tmp_path / "forgetting")[0], weights_only=False)["global_step"]
+        == one_process["global_step"]
+    )
+
+
+class ShardedCounter(InOrderCounter):
+    """The counting model sharded with FSDP2: ``fully_shard`` on each decoder layer and on the whole model."""
+
+    def configure_model(self) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+
+def _fsdp_rank(rank: int, port: int, root: str) -> None:
+    # a forked process per rank with the variables a launcher sets, so Lightning starts no processes of its own
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.manual_seed(0)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    callbacks = [LoRA(r=4, alpha=8), distributed_monitor(), DumpHistory(Path(root))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = trainer(Path(root), callbacks, max_steps=6, devices=2, strategy=strategy, use_distributed_sampler=False)
+        fit.fit(ShardedCounter(2))
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_measure_what_one_process_measures(tmp_path, one_process):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_rank, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    _check(one_process, tmp_path)

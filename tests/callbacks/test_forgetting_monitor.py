@@ -205,3 +205,42 @@ def test_errors_at_setup_and_before_measuring(tmp_path):
         sharded = L.Trainer(accelerator="cpu", devices=1, strategy=ModelParallelStrategy(), logger=False)
     with pytest.raises(RuntimeError, match="sharded"):
         _monitor(kl="copy").setup(sharded, CounterLM(), "fit")
+
+
+def test_configured_from_yaml_with_the_zenft_command(tmp_path):
+    from lightning_zenft.cli import cli_main
+
+    probe = tmp_path / "python.jsonl"
+    probe.write_text(
+        '{"question": "x = [1, 2", "choices": ["]", ")"], "answer": 0}\n'
+        '{"question": "def f(a)", "choices": [":", ";"], "answer": 0}\n'
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"""
+trainer:
+  accelerator: cpu
+  max_steps: 2
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  default_root_dir: {tmp_path}
+  callbacks:
+    - class_path: lightning_zenft.LoRA
+      init_args: {{r: 2}}
+    - class_path: lightning_zenft.ForgettingMonitor
+      init_args:
+        probes: {{python: {probe}}}
+        every_n_steps: 1
+        max_drop: 50.0
+data:
+  max_length: 64
+  batch_size: 2
+"""
+    )
+    cli = cli_main(["fit", "--config", str(config)])
+    (monitor,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ForgettingMonitor)]
+    assert list(monitor.probes) == ["python"] and len(monitor.probes["python"]) == 2
+    assert [r["step"] for r in monitor.history] == [0, 1, 2] and monitor.kl_mode == "adapters"
+    tokenizer = cli.datamodule.tokenizer  # the monitor encoded the file with the datamodule's tokenizer
+    assert monitor.probes["python"].items[1].context == tokenizer("def f(a)")["input_ids"]
