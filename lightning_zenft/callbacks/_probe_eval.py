@@ -19,6 +19,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from lightning_zenft.data.probes import ChoiceProbe, LMProbe, Probe
 from lightning_zenft.metrics import ChoiceAccuracy, NextTokenAccuracy, Perplexity, TokenKL
+from lightning_zenft.metrics.language_modeling import shift_targets, token_log_probs
 
 Forward = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -53,12 +54,12 @@ def _evaluate_lm(
     for batch, valid in probe.batches(rank, world):
         batch, valid = _on(batch, device), valid.to(device)
         model_batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        logits = forward(model_batch)[valid].float()  # (b, T, V): the real rows only
+        logits = forward(model_batch)[valid]  # (b, T, V): the real rows only
         labels = batch["labels"][valid]  # (b, T)
         ppl.update(logits, labels)
         acc.update(logits, labels)
         if reference is not None:
-            kl.update(logits, reference(model_batch)[valid].float(), labels)
+            kl.update(logits, reference(model_batch)[valid], labels)
     perplexity = float(ppl.compute())
     out = {"loss": math.log(perplexity), "perplexity": perplexity, "accuracy": float(acc.compute())}
     if reference is not None:
@@ -73,13 +74,13 @@ def _evaluate_choice(
     loss = MeanMetric().to(device).set_dtype(torch.float64)
     for batch, valid in probe.batches(rank, world):
         batch, valid = _on(batch, device), valid.to(device)
-        logits = forward({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}).double()
-        labels = batch["labels"][:, 1:]  # (P, T-1): position t predicts token t + 1
-        scored = labels != -100  # (P, T-1)
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (P, T-1, V)
-        token_logp = logp.gather(-1, labels.clamp_min(0)[..., None])[..., 0] * scored  # (P, T-1)
+        logits = forward({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})  # (P, T, V)
+        scored = batch["labels"][:, 1:] != -100  # (P, T-1): position t predicts token t + 1
+        z, y = shift_targets(logits, batch["labels"])  # (n, V), (n,): the choices' tokens, row by row
+        pair = scored.nonzero()[:, 0]  # (n,): each scored token's row
+        n_pairs = batch["labels"].shape[0]
+        pair_logp = torch.zeros(n_pairs, dtype=torch.float64, device=device).index_add_(0, pair, token_log_probs(z, y))
         n_tokens = scored.sum(dim=1)  # (P,)
-        pair_logp = token_logp.sum(dim=1)  # (P,)
         pair_score = pair_logp / n_tokens if probe.normalize == "mean" else pair_logp  # (P,)
         n_questions = batch["answers"].numel()
         scores = torch.full((n_questions, probe.num_choices), -math.inf, dtype=torch.float64, device=device)  # (Q, C)

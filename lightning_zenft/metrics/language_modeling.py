@@ -2,8 +2,9 @@
 
 All three score the same positions a causal LM's loss does: the logits at position ``t`` predict ``labels[t + 1]``
 (``shift=True``, as ``transformers`` models shift their ``labels``), and targets equal to ``ignore_index`` (-100:
-prompt tokens, padding) are left out. Sums are kept in float64 and reduced across processes as sums, so a probe
-split over ranks gives the numbers one process would.
+prompt tokens, padding) are left out. Log-probabilities are computed in float64, a bounded chunk of positions at a time
+(:data:`CHUNK_ELEMENTS`), and their sums are kept in float64 and reduced across processes as sums, so a probe split
+over ranks gives the numbers one process would.
 
 * perplexity ``= exp(sum_t NLL_t / n)``, with ``NLL_t = -log softmax(z_t)[y_t]`` over the ``n`` target tokens;
 * next-token accuracy ``= 100 * #{t : argmax z_t = y_t} / n`` (points; ties go to the lowest token id);
@@ -26,6 +27,28 @@ import torch
 from torchmetrics import Metric
 
 IGNORE_INDEX = -100
+
+CHUNK_ELEMENTS = 1 << 24
+"""Float64 work is done on at most this many logits at a time (128 MiB), whatever the vocabulary and batch."""
+
+
+def _chunk_size(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def token_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[targets]`` in float64, ``(n,)``, for ``logits`` ``(n, V)``, a bounded chunk at a time.
+
+    Example:
+        >>> token_log_probs(torch.zeros(3, 4), torch.tensor([0, 1, 2])).exp().tolist()
+        [0.25, 0.25, 0.25]
+    """
+    out = torch.empty(targets.shape[0], dtype=torch.float64, device=logits.device)
+    step = _chunk_size(logits.shape[-1])
+    for start in range(0, targets.shape[0], step):
+        z = logits[start : start + step].double()  # (c, V)
+        out[start : start + step] = torch.log_softmax(z, dim=-1).gather(1, targets[start : start + step, None])[:, 0]
+    return out
 
 
 def shift_targets(
@@ -95,8 +118,7 @@ class Perplexity(_TokenMetric):
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a batch: ``logits`` ``(B, T, V)``, ``labels`` ``(B, T)``."""
         z, y = self._targets(logits, labels)
-        nll = torch.nn.functional.cross_entropy(z.double(), y, reduction="sum")  # scalar, sum over n tokens
-        self.nll_sum += nll
+        self.nll_sum -= token_log_probs(z, y).sum()
         self.tokens += y.numel()
 
     def compute(self) -> torch.Tensor:
@@ -157,13 +179,23 @@ class TokenKL(_TokenMetric):
             )
         z, y = self._targets(logits, labels)
         z_ref, _ = self._targets(reference_logits, labels)
-        log_p = torch.log_softmax(z.double(), dim=-1)  # (n, V)
-        log_p_ref = torch.log_softmax(z_ref.double(), dim=-1)  # (n, V)
-        self.kl_sum += (log_p_ref.exp() * (log_p_ref - log_p)).sum()
+        step = _chunk_size(z.shape[-1])
+        for start in range(0, y.numel(), step):
+            log_p = torch.log_softmax(z[start : start + step].double(), dim=-1)  # (c, V)
+            log_p_ref = torch.log_softmax(z_ref[start : start + step].double(), dim=-1)  # (c, V)
+            self.kl_sum += (log_p_ref.exp() * (log_p_ref - log_p)).sum()
         self.tokens += y.numel()
 
     def compute(self) -> torch.Tensor:
         return self.kl_sum / self._count()
 
 
-__all__ = ["IGNORE_INDEX", "NextTokenAccuracy", "Perplexity", "TokenKL", "shift_targets"]
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "IGNORE_INDEX",
+    "NextTokenAccuracy",
+    "Perplexity",
+    "TokenKL",
+    "shift_targets",
+    "token_log_probs",
+]

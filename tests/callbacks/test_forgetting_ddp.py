@@ -25,13 +25,14 @@ from lightning_zenft import LoRA
 
 
 def _fit(root: Path, devices: int) -> None:
+    module = InOrderCounter(devices)
     torch.manual_seed(0)  # LoRA's A init; forked ranks inherit this state, and DDP broadcasts rank 0's weights
     strategy = "ddp_fork" if devices > 1 else "auto"
     callbacks = [LoRA(r=4, alpha=8), distributed_monitor(), DumpHistory(root)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit = trainer(root, callbacks, max_steps=6, devices=devices, strategy=strategy, use_distributed_sampler=False)
-        fit.fit(InOrderCounter(devices))
+        fit.fit(module)
 
 
 @pytest.fixture(scope="module")
@@ -86,13 +87,14 @@ def _fsdp_rank(rank: int, port: int, root: str) -> None:
     # a forked process per rank with the variables a launcher sets, so Lightning starts no processes of its own
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0"}
     os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.manual_seed(0)
+    module = ShardedCounter(2)
+    torch.manual_seed(0)  # after building the module: the same LoRA init as the one-process run
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     callbacks = [LoRA(r=4, alpha=8), distributed_monitor(), DumpHistory(Path(root))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fit = trainer(Path(root), callbacks, max_steps=6, devices=2, strategy=strategy, use_distributed_sampler=False)
-        fit.fit(ShardedCounter(2))
+        fit.fit(module)
 
 
 @pytest.mark.slow
