@@ -173,8 +173,10 @@ class ParetoCheckpoint(Checkpoint):
         path = directory / self.filename.format(step=point["step"])
         self.best_model_path, self.best_step = str(path), point["step"]  # before saving: the file holds this state
         save_checkpoint_atomically(trainer, path)
-        if trainer.is_global_zero and previous and Path(previous) != path:
-            Path(previous).unlink(missing_ok=True)
+        # the previous best goes, unless it lies elsewhere (a resumed run's state names the first run's file)
+        if trainer.is_global_zero and previous and Path(previous).resolve().parent == directory.resolve():
+            if Path(previous) != path:
+                Path(previous).unlink(missing_ok=True)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -186,3 +186,14 @@ def test_resume_keeps_baseline_history_and_rollback_point(tmp_path):
     assert resumed.losses == straight.losses[2:]
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_snapshot_refuses_a_changed_model():
+    from lightning_zenft.callbacks._forgetting_actions import Snapshot
+
+    model = torch.nn.Linear(2, 2)
+    snapshot = Snapshot.take(model, [torch.optim.SGD(model.parameters(), lr=0.1)], step=3, lr_scale=1.0)
+    with pytest.raises(RuntimeError, match="cannot roll back to step 3"):
+        snapshot.restore(torch.nn.Linear(2, 2, bias=False), [torch.optim.SGD(model.parameters(), lr=0.1)], 1.0)
+    with pytest.raises(RuntimeError, match="0 optimizers now against 1"):
+        snapshot.restore(model, [], 1.0)

@@ -180,6 +180,9 @@ def test_default_probes_use_the_module_tokenizer(tmp_path):
         ({"max_drop": None, "on_exceed": "stop"}, "needs a limit"),
         ({"kl": "maybe"}, "kl='maybe'"),
         ({"rollback_lr_factor": 2.0}, "rollback_lr_factor=2.0"),
+        ({"strength_factor": 0.0}, "strength_factor=0.0 must be > 0"),
+        ({"max_rollbacks": -1}, "max_rollbacks=-1 >= 0"),
+        ({"max_loss_increase": float("inf")}, "max_loss_increase=inf"),
         ({"task_mode": "up"}, "task_mode='up'"),
         ({"probes": {}}, "holds no probe"),
         ({"probes": {"a/b": [torch.zeros(1, 2, dtype=torch.long)]}}, "without '/'"),
@@ -244,3 +247,61 @@ data:
     assert [r["step"] for r in monitor.history] == [0, 1, 2] and monitor.kl_mode == "adapters"
     tokenizer = cli.datamodule.tokenizer  # the monitor encoded the file with the datamodule's tokenizer
     assert monitor.probes["python"].items[1].context == tokenizer("def f(a)")["input_ids"]
+
+
+class LogitsModule(CounterLM):
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def test_options_model_attr_kl_off_no_end_measurement_no_progress_bar_and_stop_directory(tmp_path):
+    monitor = _monitor(
+        model_attr="",  # the LightningModule itself, whose forward returns the logits tensor
+        kl="off",
+        eval_at_end=False,
+        prog_bar=False,
+        on_exceed="stop",
+        max_drop=100.0,
+        checkpoint_dir=tmp_path / "stops",
+        every_n_steps=2,
+    )
+    fit = trainer(tmp_path, [LoRA(r=4, alpha=8), monitor], max_steps=3)
+    fit.fit(LogitsModule(lr=0.001))
+    assert [r["step"] for r in monitor.history] == [0, 2]  # no measurement at the end (step 3)
+    assert (
+        "kl_to_base" not in monitor.history[-1]["metrics"]["general"] and "forgetting" not in fit.progress_bar_metrics
+    )
+    first = monitor.history[0]["metrics"]["general"]
+    assert first["accuracy"] == pytest.approx(_lm_reference(fit.lightning_module.model, GENERAL)["accuracy"], abs=1e-9)
+    stopper = _monitor(on_exceed="stop", max_drop=0.0, checkpoint_dir=tmp_path / "stops", every_n_steps=1)
+    with pytest.warns(UserWarning, match="Training stops"):
+        trainer(tmp_path, [stopper], max_steps=4).fit(CounterLM(lr=0.05))
+    assert stopper.stop_checkpoint.parent == tmp_path / "stops" and stopper.stop_checkpoint.is_file()
+
+
+def test_tokenizer_given_as_a_directory(tmp_path):
+    from lightning_zenft.data.paths import DEFAULT_BASE_MODEL_DIR
+
+    monitor = ForgettingMonitor(tokenizer=str(DEFAULT_BASE_MODEL_DIR))
+    monitor.setup(L.Trainer(accelerator="cpu", logger=False, default_root_dir=tmp_path), CounterLM(), "fit")
+    assert len(monitor.probes["python_choice"]) > 0
+
+
+def test_more_setup_errors(tmp_path):
+    class LateModel(CounterLM):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()  # the real layers come in configure_model
+
+    with pytest.raises(RuntimeError, match=r"no parameters yet \(built in configure_model\?\)"):
+        _monitor(kl="copy").setup(L.Trainer(accelerator="cpu", logger=False), LateModel(), "fit")
+    from lightning.pytorch.loggers import WandbLogger
+
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True)
+    with pytest.raises(RuntimeError, match="the model has no adapters"):
+        trainer(tmp_path, [_monitor(log_artifact=True)], max_steps=1, logger=wandb_logger).fit(CounterLM())
+    import wandb
+
+    wandb.finish()
+    with pytest.raises(KeyError, match=r"task_metric='task/nope'"):
+        trainer(tmp_path, [_monitor(task_metric="task/nope")], max_steps=1).fit(CounterLM())

@@ -165,3 +165,24 @@ def test_missing_wandb_or_matplotlib_says_what_to_install(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(ImportError, match=re.escape("pip install matplotlib")):
         forgetting_figure(_history([(0, 50.0)]))
+
+
+def test_reporting_helpers_refuse_bad_input(tmp_path):
+    from lightning_zenft.reporting import log_artifact, log_image
+
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        log_image([], "k", np.zeros((4, 4), dtype=np.uint8), step=0)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        log_artifact([], tmp_path / "missing", "adapter")
+
+
+def test_no_table_and_no_image_when_switched_off(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    _fit(tmp_path, _monitor(log_image=False, log_table=False), logger, max_steps=2)
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == [] and "forgetting/general/accuracy" in events.Tags()["scalars"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from forgetting_testing import TASK_STRIDE, CounterLM, stride_rows, trainer
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_zenft import ForgettingMonitor, LoRA, ParetoCheckpoint
 from lightning_zenft.callbacks.pareto_checkpoint import pareto_choice, pareto_front
@@ -92,3 +93,32 @@ def test_needs_one_monitor_with_a_task_metric(tmp_path):
         ParetoCheckpoint(filename="best.ckpt")
     with pytest.raises(ValueError, match="max_drop=-1"):
         ParetoCheckpoint(max_drop=-1.0)
+
+
+def _pareto_run(root, ckpt_path=None):
+    monitor = ForgettingMonitor(
+        probes={"general": LMProbe.from_rows(list(stride_rows(16, 1, seed=5)))},
+        task_probes={"task": LMProbe.from_rows(list(stride_rows(8, TASK_STRIDE, seed=6)))},
+        every_n_steps=1,
+        max_drop=40.0,
+    )
+    pareto = ParetoCheckpoint(dirpath=root / "kept", filename="best-{step}.ckpt", max_drop=25.0)
+    every = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=2, save_top_k=-1)
+    module = CounterLM(lr=0.02, n_train=16)  # the best point within 25 points moves on after step 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        callbacks = [LoRA(r=4, alpha=8), monitor, pareto, every]
+        trainer(root, callbacks, max_steps=6, enable_checkpointing=True).fit(module, ckpt_path=ckpt_path)
+    return pareto
+
+
+@pytest.mark.slow
+def test_resume_gives_the_uninterrupted_choice(tmp_path):
+    straight = _pareto_run(tmp_path / "a")
+    assert straight.best_step is not None and straight.best_step > 2, straight.points
+    resumed = _pareto_run(tmp_path / "b", ckpt_path=tmp_path / "a" / "ckpt" / "epoch=0-step=2.ckpt")
+    assert resumed.points == straight.points and resumed.best_step == straight.best_step
+    kept_a, kept_b = Path(straight.best_model_path), Path(resumed.best_model_path)
+    assert kept_b == tmp_path / "b" / "kept" / f"best-{straight.best_step}.ckpt" and kept_a.is_file()  # a's untouched
+    a, b = (torch.load(p, weights_only=False)["state_dict"] for p in (kept_a, kept_b))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -18,7 +18,10 @@ from lightning_zenft.data.probes import (
     ChoiceItem,
     ChoiceProbe,
     LMProbe,
+    choice_probe_from_records,
     default_probes,
+    general_probe,
+    lm_probe_from_texts,
     load_probe,
     read_jsonl,
     shard_indices,
@@ -213,3 +216,44 @@ def test_probe_source_errors(tmp_path, tokenizer):
         LMProbe.from_rows([torch.arange(3)], batch_size=0)
     with pytest.raises(ValueError, match="normalize='max'"):
         ChoiceProbe([ChoiceItem([1], [[2], [3]], 0)], normalize="max")  # type: ignore[arg-type]
+
+
+def test_probe_object_errors(tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="2 rows of input_ids but 1 of labels"):
+        LMProbe([torch.arange(3), torch.arange(3)], [torch.arange(3)])
+    with pytest.raises(ValueError, match="must be 1-D"):
+        LMProbe([torch.zeros(2, 3, dtype=torch.long)], [torch.zeros(2, 3, dtype=torch.long)])
+    with pytest.raises(ValueError, match="has no rows"):
+        LMProbe([], [])
+    with pytest.raises(ValueError, match=r"answer 2 is not a choice index in \[0, 2\)"):
+        ChoiceProbe([ChoiceItem([1], [[2], [3]], 2)])
+    with pytest.raises(ValueError, match="empty context"):
+        ChoiceProbe([ChoiceItem([], [[2], [3]], 0)])
+    with pytest.raises(ValueError, match="no questions"):
+        ChoiceProbe([])
+    with pytest.raises(ValueError, match=r"rank=2 must lie in \[0, world_size=2\)"):
+        shard_indices(4, 2, 2)
+    (tmp_path / "list.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ValueError, match="list.jsonl:1 holds a list, not a JSON object"):
+        read_jsonl(tmp_path / "list.jsonl")
+    with pytest.raises(ValueError, match="max_length must be at least 2"):
+        lm_probe_from_texts(["abc"], tokenizer, max_length=1)
+    with pytest.raises(ValueError, match="longer than max_length=2"):
+        choice_probe_from_records(
+            [{"question": "q", "choices": [" a b c d", " e"], "answer": 0}], tokenizer, max_length=2
+        )
+    with pytest.raises(ValueError, match="rows=10 must be a multiple of batch_size=8"):
+        general_probe(tokenizer, rows=10)
+    from lightning_zenft.data.choice_probe import generate_choice_probe as generate
+
+    with pytest.raises(ValueError, match="per_template must be at least 1"):
+        generate(per_template=0)
+
+
+def test_long_questions_keep_their_last_tokens(tokenizer):
+    question = "x = " + " + ".join(["value"] * 40)
+    probe = choice_probe_from_records(
+        [{"question": question, "choices": [" a", " bb"], "answer": 0}], tokenizer, max_length=16
+    )
+    longest = max(len(c) for c in probe.items[0].choices)
+    assert probe.items[0].context == tokenizer(question)["input_ids"][-(16 - longest) :]
