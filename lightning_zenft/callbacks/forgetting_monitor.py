@@ -32,9 +32,6 @@ image, every logger the scalars; ``plot_path`` writes the curves as a PNG at the
 from __future__ import annotations
 
 import copy
-import math
-import re
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -48,15 +45,16 @@ from typing_extensions import override
 
 from lightning_zenft.adapters import disable_adapters, find_adapters
 from lightning_zenft.callbacks import _forgetting_actions as actions
+from lightning_zenft.callbacks import _forgetting_report as reporting
+from lightning_zenft.callbacks._forgetting_args import check_arguments, infer_mode
 from lightning_zenft.callbacks._probe_eval import HEADLINE, evaluate_probe
 from lightning_zenft.data.probes import Normalize, Probe, default_probes, load_probe
 from lightning_zenft.reporting import loggers as report
-from lightning_zenft.reporting.records import ForgettingRecord, table_columns, table_rows
+from lightning_zenft.reporting.records import ForgettingRecord
 
 OnExceed = Literal["warn", "stop", "raise_ewc", "rollback"]
 KLMode = Literal["auto", "adapters", "copy", "off"]
 ForwardFn = Callable[[nn.Module, dict[str, torch.Tensor]], Any]
-_LOWER_IS_BETTER = re.compile(r"(loss|perplexity|ppl|kl|error)", re.IGNORECASE)
 
 
 class ForgettingMonitor(Callback):
@@ -85,6 +83,8 @@ class ForgettingMonitor(Callback):
         forward_fn: ``forward_fn(model, {"input_ids", "attention_mask"}) -> logits (B, T, V)``; default: the
             model's ``logits`` output.
         kl: ``"auto"`` (with adapters, else skipped), ``"adapters"``, ``"copy"`` (a frozen copy) or ``"off"``.
+            PiSSA-initialised LoRA layers rewrite their base weight, so disabling them runs the residual weight,
+            not the original base: use ``"copy"`` for them.
         strength_factor: what ``"raise_ewc"`` multiplies the strengths by.
         max_rollbacks: how many rollbacks ``"rollback"`` makes before it stops training.
         rollback_lr_factor: learning rates are multiplied by this at each rollback.
@@ -141,7 +141,7 @@ class ForgettingMonitor(Callback):
         plot_path: str | Path | None = None,
         prog_bar: bool = True,
     ) -> None:
-        problems = _check_args(locals())
+        problems = check_arguments(locals())
         if problems:
             raise ValueError("ForgettingMonitor: " + "; ".join(problems) + ".")
         self.probe_specs = dict(probes) if probes is not None else None
@@ -149,7 +149,7 @@ class ForgettingMonitor(Callback):
         self.every_n_steps, self.max_drop, self.max_loss_increase = every_n_steps, max_drop, max_loss_increase
         self.on_exceed: OnExceed = on_exceed
         self.task_metric = task_metric or (f"{next(iter(self.task_specs))}/{HEADLINE}" if self.task_specs else None)
-        self.task_mode = task_mode or (None if self.task_metric is None else _infer_mode(self.task_metric))
+        self.task_mode = task_mode or (None if self.task_metric is None else infer_mode(self.task_metric))
         self.tokenizer, self.batch_size, self.max_length, self.normalize = tokenizer, batch_size, max_length, normalize
         self.model_attr, self.forward_fn, self.kl = model_attr, forward_fn, kl
         self.strength_factor, self.max_rollbacks, self.rollback_lr_factor = (
@@ -314,7 +314,7 @@ class ForgettingMonitor(Callback):
             self.plot_written = save_figure(self._figure(), path)
             rank_zero_info(f"ForgettingMonitor: curves written to {self.plot_written}")
         if self.log_artifact and trainer.is_global_zero:
-            self._log_adapter(trainer, pl_module)
+            reporting.log_adapter(trainer, self._model(pl_module), self.history[-1], self._within)
 
     def _model(self, pl_module: pl.LightningModule) -> nn.Module:
         return pl_module.get_submodule(self.model_attr) if self.model_attr else pl_module
@@ -480,47 +480,12 @@ class ForgettingMonitor(Callback):
 
     # ------------------------------------------------------------------ reporting
     def _report(self, trainer: pl.Trainer, record: ForgettingRecord) -> None:
-        base = self.history[0]["metrics"]
-        scalars: dict[str, float] = {}
-        for probe, values in record["metrics"].items():
-            for metric, value in values.items():
-                scalars[f"forgetting/{probe}/{metric}"] = value
-                if metric != "kl_to_base":
-                    scalars[f"forgetting/{probe}/{metric}_change"] = value - base[probe][metric]
-            if probe in record["drops"]:
-                scalars[f"forgetting/{probe}/drop"] = record["drops"][probe]
-        scalars["forgetting/worst_drop"] = record["worst_drop"]
-        scalars["forgetting/within_limits"] = float(record["within_limits"])
-        if record["task"] is not None:
-            scalars["forgetting/task"] = record["task"]
-        for key, value in scalars.items():
-            trainer.callback_metrics[key] = torch.tensor(value)
-        step = record["step"]
-        report.log_scalars(trainer.loggers, scalars, step)
-        if not trainer.is_global_zero:
-            return
-        if self.log_table and report.takes_tables(trainer.loggers):
-            report.log_table(
-                trainer.loggers, "forgetting/table", table_columns(self.history), table_rows(self.history), step
-            )
-        if self.log_image and report.takes_images(trainer.loggers):
-            from lightning_zenft.reporting.plots import figure_rgb
-
-            report.log_image(trainer.loggers, "forgetting/curves", figure_rgb(self._figure()), step)
+        reporting.report_record(
+            trainer, self.history, record, self.max_drop, self.task_metric, self.log_table, self.log_image
+        )
 
     def _figure(self) -> Any:
-        from lightning_zenft.reporting.plots import forgetting_figure
-
-        return forgetting_figure(self.history, self.max_drop, self.task_metric)
-
-    def _log_adapter(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from lightning_zenft.io import save_adapter
-
-        last = self.history[-1]
-        with tempfile.TemporaryDirectory() as tmp:
-            save_adapter(self._model(pl_module), Path(tmp) / "adapter")
-            meta = {"step": last["step"], "within_limits": self._within, "worst_drop": last["worst_drop"]}
-            report.log_artifact(trainer.loggers, Path(tmp) / "adapter", "adapter", "model", meta)
+        return reporting.figure_of(self.history, self.max_drop, self.task_metric)
 
     # ------------------------------------------------------------------ state
     @override
@@ -556,42 +521,6 @@ class ForgettingMonitor(Callback):
     def reset(self) -> None:
         """Forget the history (the next ``fit`` measures a new baseline)."""
         self.history, self.rollbacks, self.lr_scale, self._within, self._snapshot = [], 0, 1.0, True, None
-
-
-def _infer_mode(metric: str) -> Literal["min", "max"]:
-    return "min" if _LOWER_IS_BETTER.search(metric) else "max"
-
-
-def _check_args(args: dict[str, Any]) -> list[str]:
-    problems = []
-    if args["on_exceed"] not in ("warn", "stop", "raise_ewc", "rollback"):
-        problems.append(f"on_exceed={args['on_exceed']!r} must be 'warn', 'stop', 'raise_ewc' or 'rollback'")
-    if args["kl"] not in ("auto", "adapters", "copy", "off"):
-        problems.append(f"kl={args['kl']!r} must be 'auto', 'adapters', 'copy' or 'off'")
-    if not isinstance(args["every_n_steps"], int) or args["every_n_steps"] < 1:
-        problems.append(f"every_n_steps={args['every_n_steps']!r} must be a positive integer")
-    for name in ("max_drop", "max_loss_increase"):
-        value = args[name]
-        if value is not None and (not math.isfinite(value) or value < 0):
-            problems.append(f"{name}={value} must be a non-negative number or None")
-    if args["max_drop"] is None and args["max_loss_increase"] is None and args["on_exceed"] != "warn":
-        problems.append(f"on_exceed={args['on_exceed']!r} needs a limit: set max_drop and/or max_loss_increase")
-    if args["strength_factor"] <= 0 or not 0 < args["rollback_lr_factor"] <= 1 or args["max_rollbacks"] < 0:
-        problems.append(
-            f"strength_factor={args['strength_factor']} must be > 0, rollback_lr_factor={args['rollback_lr_factor']} "
-            f"in (0, 1] and max_rollbacks={args['max_rollbacks']} >= 0"
-        )
-    if args["task_mode"] not in (None, "min", "max"):
-        problems.append(f"task_mode={args['task_mode']!r} must be 'min', 'max' or None")
-    names = list(args["probes"] or {}) + list(args["task_probes"] or {})
-    if args["probes"] is not None and not args["probes"]:
-        problems.append("probes={} holds no probe (None selects the built-in ones)")
-    bad = [n for n in names if not isinstance(n, str) or not n or "/" in n]
-    if bad:
-        problems.append(f"probe names must be non-empty strings without '/', got {bad}")
-    if len(set(names)) != len(names) or (args["probes"] is None and {"general", "python_choice"} & set(names)):
-        problems.append(f"probe names must be distinct across probes and task_probes, got {names}")
-    return problems
 
 
 __all__ = ["ForgettingMonitor"]

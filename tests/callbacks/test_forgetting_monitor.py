@@ -139,6 +139,10 @@ def test_task_metric_from_the_logged_metrics(tmp_path):
     with pytest.warns(UserWarning, match=r"task_metric='nope' is not among the logged metrics"):
         trainer(tmp_path, [missing], max_steps=2).fit(CounterLM(lr=0.001))
     assert missing.task_mode == "max" and _monitor(task_metric="val_loss").task_mode == "min"
+    assert (
+        _monitor(task_metric="val/perplexity").task_mode == "min"
+        and _monitor(task_metric="skill_acc").task_mode == "max"
+    )
 
 
 def test_forward_fn_and_non_logit_outputs(tmp_path):
