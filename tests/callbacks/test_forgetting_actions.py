@@ -176,7 +176,6 @@ def _resume_run(root, ckpt_path=None):
     return module, monitor
 
 
-@pytest.mark.slow
 def test_resume_keeps_baseline_history_and_rollback_point(tmp_path):
     straight, monitor = _resume_run(tmp_path / "a")
     assert any(r["action"] == "rollback" and r["step"] > 2 for r in monitor.history), monitor.history

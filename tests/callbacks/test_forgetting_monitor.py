@@ -291,6 +291,7 @@ def test_tokenizer_given_as_a_directory(tmp_path):
     assert len(monitor.probes["python_choice"]) > 0
 
 
+@pytest.mark.slow
 def test_more_setup_errors(tmp_path):
     class LateModel(CounterLM):
         def __init__(self):

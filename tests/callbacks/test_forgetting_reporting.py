@@ -138,6 +138,7 @@ def test_wandb_offline_run_holds_the_table_image_scalars_and_adapter(tmp_path, m
     assert json.loads(artifacts[0].metadata)["step"] == monitor.history[-1]["step"]
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_scalars_and_the_image(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

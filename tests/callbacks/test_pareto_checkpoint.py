@@ -112,7 +112,6 @@ def _pareto_run(root, ckpt_path=None):
     return pareto
 
 
-@pytest.mark.slow
 def test_resume_gives_the_uninterrupted_choice(tmp_path):
     straight = _pareto_run(tmp_path / "a")
     assert straight.best_step is not None and straight.best_step > 2, straight.points

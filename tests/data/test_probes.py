@@ -155,6 +155,7 @@ def test_text_jsonl_makes_rows_of_max_length(tmp_path, tokenizer):
     assert [r.tolist() for r in probe.input_ids] == [e for e in expected if len(e) >= 2]
 
 
+@pytest.mark.slow
 def test_embedded_choice_probe_is_what_the_generator_writes_and_the_base_model_knows_it(tokenizer):
     assert read_jsonl(DEFAULT_CHOICE_PROBE_FILE) == generate_choice_probe()
     probes = default_probes(tokenizer)
