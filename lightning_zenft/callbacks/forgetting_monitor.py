@@ -20,7 +20,8 @@ Practitioners track a general benchmark beside the task metric while fine-tuning
    Trainer that has it, e.g. ``EWC``/``L2SP``; with none, ``fit`` fails at setup); ``"rollback"`` (the trainable
    parameters and optimizer state go back to the last measurement within the limits and the learning rates are
    multiplied by ``rollback_lr_factor``, at most ``max_rollbacks`` times, then it stops as ``"stop"`` does). At the end
-   of training ``"stop"`` and ``"raise_ewc"`` only warn (nothing is left to stop) and ``"rollback"`` restores.
+   of training ``"stop"`` and ``"raise_ewc"`` only warn (nothing is left to stop) and ``"rollback"`` restores (while
+   rollbacks remain; then it warns).
 
 Under DDP and FSDP every process scores its shard of each probe and the metrics sum the counts across processes, so
 all processes see the same numbers and take the same action. ``within_limits()`` and ``history`` tell other

@@ -196,3 +196,21 @@ def test_snapshot_refuses_a_changed_model():
         snapshot.restore(torch.nn.Linear(2, 2, bias=False), [torch.optim.SGD(model.parameters(), lr=0.1)], 1.0)
     with pytest.raises(RuntimeError, match="0 optimizers now against 1"):
         snapshot.restore(model, [], 1.0)
+
+
+def test_rollback_at_the_end_restores_the_last_good_weights_while_rollbacks_remain(tmp_path):
+    start = {n: p.detach().clone() for n, p in CounterLM().named_parameters()}
+    monitor = _monitor(on_exceed="rollback", max_rollbacks=1)
+    monitor.every_n_steps = 100  # measured at the start and at the end only
+    with pytest.warns(UserWarning, match="Rolled back to step 0"):
+        module, _ = _fit(tmp_path / "a", monitor, max_steps=4)
+    assert [(r["step"], r["action"]) for r in monitor.history] == [(0, None), (4, "rollback")]
+    assert monitor.within_limits() is True
+    for name, param in module.named_parameters():
+        assert torch.equal(param, start[name]), name
+    spent = _monitor(on_exceed="rollback", max_rollbacks=0)
+    spent.every_n_steps = 100
+    with pytest.warns(UserWarning, match=r"0 rollback\(s\) made \(max_rollbacks=0\)"):
+        module, rec = _fit(tmp_path / "b", spent, max_steps=4)
+    assert spent.history[-1]["action"] == "warn" and spent.within_limits() is False
+    assert any(not torch.equal(p, start[n]) for n, p in module.named_parameters())
