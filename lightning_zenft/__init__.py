@@ -14,9 +14,11 @@ from lightning_zenft.adapters import (
 )
 from lightning_zenft.callbacks._adapter import AdapterCallback, trainable_parameters
 from lightning_zenft.callbacks.export import SaveAdapter
+from lightning_zenft.callbacks.forgetting_monitor import ForgettingMonitor
 from lightning_zenft.callbacks.kernels import FusedKernels
 from lightning_zenft.callbacks.lora import DoRA, LoRA
 from lightning_zenft.callbacks.merge import MergeAdapters
+from lightning_zenft.callbacks.pareto_checkpoint import ParetoCheckpoint
 from lightning_zenft.config import AdapterConfig, LoRAConfig
 from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
 from lightning_zenft.inject import (
@@ -93,4 +95,6 @@ __all__ = [
     "unmerge_adapters",
     "using_adapter",
     "Wrapping",
+    "ForgettingMonitor",
+    "ParetoCheckpoint",
 ]
