@@ -216,8 +216,15 @@ class LoRALinear(nn.Module):
         if self.merged or self.disabled:
             if self.merged and self.disabled:
                 raise RuntimeError("a merged adapter cannot be disabled; use lightning_zenft.disable_adapters(model).")
+            if self.disabled and self.pissa_A0 is not None:  # PiSSA's base is the residual: add the original back
+                return out + self._pissa_initial(x).to(out.dtype)
             return out
         return out + self.lora_forward(x).to(out.dtype)
+
+    def _pissa_initial(self, x: torch.Tensor) -> torch.Tensor:
+        """``s B0 A0 x``: what PiSSA took out of the base weight (the base alone is ``W - s B0 A0``)."""
+        xa = torch.nn.functional.linear(x.to(self.pissa_A0.dtype), self.pissa_A0)  # (..., r)
+        return torch.nn.functional.linear(xa, self.pissa_B0) * self.scaling  # (..., out)
 
     def extra_repr(self) -> str:
         return (
