@@ -20,7 +20,8 @@ from typing import Any, Literal
 from torch import nn
 
 from lightning_zenft.adapters import DoRALinear, LoRALinear
-from lightning_zenft.config import AdapterConfig, LoRAConfig
+from lightning_zenft.adapters.ia3 import IA3Linear
+from lightning_zenft.config import AdapterConfig, BitFitConfig, IA3Config, LoRAConfig
 
 AttachesTo = Literal["linear", "embedding", "attention", "mlp", "block", "model"]
 """What a method's module wraps (:mod:`lightning_zenft.targets` finds the candidates): a linear layer, the input
@@ -108,5 +109,11 @@ def _lora_layer(base: nn.Module, *, use_dora: bool = False, **kwargs: Any) -> nn
     return (DoRALinear if use_dora else LoRALinear)(base, **kwargs)
 
 
+def _no_module(model: nn.Module, **kwargs: Any) -> nn.Module:
+    raise TypeError("BitFit builds no module: it only chooses which of the model's own parameters train.")
+
+
 # ---------------------------------------------------------------------------------------------------- the methods
 register(Method("lora", LoRAConfig, _lora_layer, "linear", (LoRALinear,), peft_type="LORA"))
+register(Method("ia3", IA3Config, IA3Linear, "linear", (IA3Linear,), peft_type="IA3"))
+register(Method("bitfit", BitFitConfig, _no_module, "model", ()))
