@@ -271,14 +271,16 @@ __all__ = ["PRESETS", "AdapterConfig", "LoRAConfig", "TargetSpec", "pattern_valu
 
 # ---------------------------------------------------------------------------------------------------- IA3
 IA3_TARGET_MODULES = [
-    "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value",  # attention keys/values (fused qkv where fused)
-    "down_proj", "mlp.c_proj", "dense_4h_to_h", "fc2",  # the feed-forward down projection
+    "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "key", "value",  # attention keys and values
+    "down_proj", "mlp.c_proj", "dense_4h_to_h", "fc2", "output.dense",  # the feed-forward down projection
 ]  # fmt: skip
 """``IA3Config``'s default targets: the paper's keys, values and feed-forward down projection under the names of
 Llama/Mistral/Qwen2/Gemma (``k_proj``, ``v_proj``, ``down_proj``), GPT-2 (``c_attn``, ``mlp.c_proj``), Phi-3
-(``qkv_proj``), GPT-NeoX/Falcon/Bloom (``query_key_value``, ``dense_4h_to_h``) and Phi/OPT (``fc2``). On Llama and
-GPT-2 these are HF PEFT's defaults; where q/k/v are one fused layer its whole output is scaled, as in PEFT."""
-IA3_FEEDFORWARD_MODULES = ["down_proj", "mlp.c_proj", "dense_4h_to_h", "fc2"]
+(``qkv_proj``), GPT-NeoX/Falcon/Bloom (``query_key_value``, ``dense_4h_to_h``), Phi/OPT (``fc2``) and BERT/RoBERTa
+(``key``, ``value``, ``output.dense``). On Llama, GPT-2 and BERT these are HF PEFT's defaults (with PEFT, BERT's
+attention ``output.dense`` matches too, and scales its input); where q/k/v are one fused layer its whole output is
+scaled, as in PEFT."""
+IA3_FEEDFORWARD_MODULES = ["down_proj", "mlp.c_proj", "dense_4h_to_h", "fc2", "output.dense"]
 """The targets that scale their input when ``feedforward_modules`` is None: the feed-forward down projections."""
 
 

