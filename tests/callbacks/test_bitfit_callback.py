@@ -106,3 +106,23 @@ def test_llama_without_biases(tmp_path):
     assert {n for n, p in module.named_parameters() if p.requires_grad} == {
         n for n, _ in module.named_parameters() if ".layers.1.self_attn." in n
     }
+
+
+def test_bitfit_and_ia3_from_yaml():
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.callbacks import Callback
+
+    parser = ArgumentParser()
+    parser.add_argument("--callbacks", type=list[Callback])
+    text = """
+    - class_path: lightning_zenft.BitFit
+      init_args: {bias: none, blocks: [0, -1], block_parts: mlp}
+    - class_path: lightning_zenft.BitFit
+      init_args: {blocks: "last:2", train_head: true}
+    - class_path: lightning_zenft.IA3
+      init_args: {target_modules: [k_proj, v_proj, down_proj], feedforward_modules: [down_proj]}
+    """
+    callbacks = parser.instantiate(parser.parse_args([f"--callbacks={text}"])).callbacks
+    assert [c.config.blocks for c in callbacks[:2]] == [[0, -1], "last:2"]
+    assert callbacks[0].config.block_parts == "mlp" and callbacks[1].config.train_head is True
+    assert callbacks[2].config.feedforward_modules == ["down_proj"]
