@@ -12,14 +12,17 @@ from lightning_zenft.adapters import (
     merge_adapters,
     unmerge_adapters,
 )
+from lightning_zenft.adapters.ia3 import IA3Linear
 from lightning_zenft.callbacks._adapter import AdapterCallback, trainable_parameters
+from lightning_zenft.callbacks.bitfit import BitFit
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.callbacks.forgetting_monitor import ForgettingMonitor
+from lightning_zenft.callbacks.ia3 import IA3
 from lightning_zenft.callbacks.kernels import FusedKernels
 from lightning_zenft.callbacks.lora import DoRA, LoRA
 from lightning_zenft.callbacks.merge import MergeAdapters
 from lightning_zenft.callbacks.pareto_checkpoint import ParetoCheckpoint
-from lightning_zenft.config import AdapterConfig, LoRAConfig
+from lightning_zenft.config import AdapterConfig, BitFitConfig, IA3Config, LoRAConfig
 from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
 from lightning_zenft.inject import (
     AdapterPlan,
@@ -97,4 +100,9 @@ __all__ = [
     "Wrapping",
     "ForgettingMonitor",
     "ParetoCheckpoint",
+    "BitFit",
+    "BitFitConfig",
+    "IA3",
+    "IA3Config",
+    "IA3Linear",
 ]

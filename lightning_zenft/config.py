@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -348,3 +349,266 @@ class _LoRAParameterPart(LoRAConfig):
     def layer_kwargs(self, name: str, *, initialize: bool = True) -> dict[str, Any]:
         kwargs = super().layer_kwargs(name, initialize=initialize)
         return {**kwargs, "parameter_name": name.rsplit(".", 1)[-1], "dropout": 0.0}
+# ---------------------------------------------------------------------------------------------------- IA3
+IA3_TARGET_MODULES = [
+    "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "key", "value",  # attention keys and values
+    "down_proj", "mlp.c_proj", "dense_4h_to_h", "fc2", "output.dense",  # the feed-forward down projection
+]  # fmt: skip
+"""``IA3Config``'s default targets: the paper's keys, values and feed-forward down projection under the names of
+Llama/Mistral/Qwen2/Gemma (``k_proj``, ``v_proj``, ``down_proj``), GPT-2 (``c_attn``, ``mlp.c_proj``), Phi-3
+(``qkv_proj``), GPT-NeoX/Falcon/Bloom (``query_key_value``, ``dense_4h_to_h``), Phi/OPT (``fc2``) and BERT/RoBERTa
+(``key``, ``value``, ``output.dense``). On Llama, GPT-2 and BERT these are HF PEFT's defaults (with PEFT, BERT's
+attention ``output.dense`` matches too, and scales its input); where q/k/v are one fused layer its whole output is
+scaled, as in PEFT."""
+IA3_FEEDFORWARD_MODULES = ["down_proj", "mlp.c_proj", "dense_4h_to_h", "fc2", "output.dense"]
+"""The targets that scale their input when ``feedforward_modules`` is None: the feed-forward down projections."""
+
+
+def _spec_matches(name: str, spec: str | list[str]) -> bool:
+    """Target syntax (:mod:`lightning_zenft.targets`): a regex over the full name, or a plain name taken as a dotted
+    suffix; a list of names or dotted suffixes."""
+    if isinstance(spec, str):
+        if re.fullmatch(spec, name):
+            return True
+        return bool(re.fullmatch(r"[\w.]+", spec)) and (name == spec or name.endswith("." + spec))
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+@dataclass(kw_only=True)
+class IA3Config(AdapterConfig):
+    """(IA)^3: a learned vector scales the output of each target layer, or the input of its feed-forward ones.
+
+    Mirrors HF PEFT's ``IA3Config`` (``target_modules``, ``exclude_modules``, ``feedforward_modules``,
+    ``init_ia3_weights``, ``modules_to_save``); ``fan_in_fan_out`` is read from each layer (GPT-2's ``Conv1D``).
+
+    Example::
+
+        cfg = IA3Config()  # keys, values and the FFN down projection (IA3_TARGET_MODULES)
+        cfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    """
+
+    target_modules: TargetSpec = field(default_factory=lambda: list(IA3_TARGET_MODULES))
+    """Which layers get a vector (:data:`TargetSpec`); by default the paper's k, v and FFN down projections."""
+    feedforward_modules: TargetSpec | None = None
+    """Which targets scale their INPUT, as the FFN down projection does (target syntax, no presets; ``[]``: none). A
+    list must be a subset of a ``target_modules`` list (PEFT's rule). None: those named in IA3_FEEDFORWARD_MODULES."""
+    init_ia3_weights: bool = True
+    """Start every vector at ones, i.e. at the base model; False draws ``N(0, 1)`` (PEFT's option, for tests)."""
+
+    method: ClassVar[str] = "ia3"
+    identity_keys: ClassVar[tuple[str, ...]] = ("feedforward",)
+    peft_absent_keys: ClassVar[tuple[str, ...]] = ("bias", "layers_to_transform", "layers_pattern")
+    """Keys every PEFT config of a wrapping method gets that PEFT's ``IA3Config`` lacks (left out of its files)."""
+
+    def method_problems(self) -> list[str]:
+        problems: list[str] = []
+        if self.bias != "none":
+            problems.append(
+                f"bias={self.bias!r}: IA3 trains no biases (PEFT's IA3 files have no bias setting); train whole "
+                "modules with modules_to_save, or use LoRA(bias=...) or BitFit"
+            )
+        ff = self.feedforward_modules
+        if isinstance(ff, tuple):
+            ff = self.feedforward_modules = list(ff)
+        if isinstance(ff, str):
+            if ff in PRESETS or not ff:
+                problems.append(f"feedforward_modules={ff!r} must be layer names or a regex (presets select layers)")
+            else:
+                try:
+                    re.compile(ff)
+                except re.error as err:
+                    problems.append(f"feedforward_modules={ff!r} is not a valid regex ({err})")
+        elif ff is not None and not (isinstance(ff, list) and all(isinstance(f, str) and f for f in ff)):
+            problems.append(f"feedforward_modules={ff!r} must be a list of layer names, a regex or None")
+        elif isinstance(ff, list) and isinstance(self.target_modules, list):
+            outside = [f for f in ff if f not in self.target_modules]
+            if outside:
+                problems.append(
+                    f"feedforward_modules {outside} are not in target_modules {self.target_modules}: every "
+                    "feed-forward module must also be a target (list it in both)"
+                )
+        if not isinstance(self.init_ia3_weights, bool):
+            problems.append(f"init_ia3_weights={self.init_ia3_weights!r} must be True or False")
+        return problems
+
+    def is_feedforward(self, name: str) -> bool:
+        """Whether the target layer ``name`` scales its input (``feedforward_modules``, or the default names)."""
+        spec = IA3_FEEDFORWARD_MODULES if self.feedforward_modules is None else self.feedforward_modules
+        return _spec_matches(name, spec)
+
+    def layer_kwargs(self, name: str, *, initialize: bool = True) -> dict[str, Any]:
+        return {"feedforward": self.is_feedforward(name), "init_ia3_weights": self.init_ia3_weights}
+
+    # ------------------------------------------------------------------ PEFT
+    @classmethod
+    def from_peft(cls, peft: dict[str, Any]) -> IA3Config:
+        # PEFT matches a string as a regex over the whole name only, and a feed-forward list entry as a plain suffix
+        # (`name.endswith(entry)`): both are rewritten as regexes that select exactly what PEFT selects.
+        targets = peft["target_modules"]
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = f"(?:{targets})"
+        ff = peft.get("feedforward_modules")
+        if isinstance(ff, str):
+            ff = f"(?:{ff})"
+        elif ff:
+            ff = ".*(?:" + "|".join(re.escape(f) for f in ff) + ")"
+        elif ff is not None:
+            ff = []
+        return cls(
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            exclude_modules=peft.get("exclude_modules"),
+            feedforward_modules=ff,
+            init_ia3_weights=bool(peft.get("init_ia3_weights", True)),
+        )
+
+    @classmethod
+    def peft_config(cls, layers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "feedforward_modules": [name for name, s in layers.items() if s["feedforward"]],
+            "fan_in_fan_out": any(s.get("fan_in_fan_out", False) for s in layers.values()),
+            "init_ia3_weights": True,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- BitFit
+@dataclass(kw_only=True)
+class BitFitConfig(AdapterConfig):
+    """BitFit (Ben Zaken et al. 2022): only the model's biases train, and, as options, its norms, the output head, or
+    chosen blocks in full ("selected layers" fine-tuning: by depth with ``blocks``, by type with ``block_parts``).
+    Nothing is injected: the method only chooses which of the model's own parameters train.
+
+    Example::
+
+        cfg = BitFitConfig()                                          # every bias
+        cfg = BitFitConfig(blocks="last:2", block_parts="mlp")        # and the MLPs of the last two blocks
+        cfg = BitFitConfig(bias="none", blocks=[0, -1], trainable_norms=True)  # selected layers, no biases
+    """
+
+    bias: Literal["none", "all", "lora_only"] = "all"
+    """``"all"``: every bias of the model trains (BitFit); ``"none"``: only what the other options select."""
+    train_head: bool = False
+    """Also train the output head (a head tied to the input embedding trains the embedding too, with a warning)."""
+    blocks: str | list[int] | None = None
+    """Transformer blocks that also train in full: ``"all"``, ``"first:K"``, ``"last:K"`` or a list of block indices
+    (negative ones count from the end); None: none."""
+    block_parts: Literal["all", "attention", "mlp"] = "all"
+    """What of each chosen block trains: all of it, its attention module, or its feed-forward module."""
+
+    method: ClassVar[str] = "bitfit"
+
+    def method_problems(self) -> list[str]:
+        problems: list[str] = []
+        if self.target_modules != "all-linear" or self.exclude_modules is not None:
+            problems.append(
+                f"target_modules={self.target_modules!r}, exclude_modules={self.exclude_modules!r}: BitFit adds no "
+                "modules, so it has no targets; choose what trains with bias, trainable_norms, train_head, blocks, "
+                "block_parts and modules_to_save"
+            )
+        if self.bias == "lora_only":
+            problems.append("bias='lora_only' means the biases of adapter layers, and BitFit has none; use 'all'")
+        if not isinstance(self.train_head, bool):
+            problems.append(f"train_head={self.train_head!r} must be True or False")
+        if isinstance(self.blocks, tuple):
+            self.blocks = list(self.blocks)
+        blocks = self.blocks
+        if isinstance(blocks, str):
+            if blocks != "all" and not re.fullmatch(r"(first|last):[1-9]\d*", blocks):
+                problems.append(f"blocks={blocks!r} must be 'all', 'first:K', 'last:K' (K >= 1) or a list of indices")
+        elif isinstance(blocks, list):
+            if not blocks or not all(isinstance(i, int) and not isinstance(i, bool) for i in blocks):
+                problems.append(f"blocks={blocks!r} must be a non-empty list of block indices (integers)")
+            elif len(set(blocks)) != len(blocks):
+                problems.append(f"blocks={blocks!r} lists a block twice")
+        elif blocks is not None:
+            problems.append(f"blocks={blocks!r} must be 'all', 'first:K', 'last:K', a list of indices or None")
+        if self.block_parts not in ("all", "attention", "mlp"):
+            problems.append(f"block_parts={self.block_parts!r} must be 'all', 'attention' or 'mlp'")
+        elif self.block_parts != "all" and blocks is None:
+            problems.append(f"block_parts={self.block_parts!r} needs blocks= (which blocks' {self.block_parts} trains)")
+        others = self.train_head or blocks is not None or self.trainable_norms or self.modules_to_save
+        if self.bias == "none" and not others:
+            problems.append(
+                "bias='none' with no other option trains nothing; keep bias='all' or add trainable_norms, train_head, "
+                "blocks or modules_to_save"
+            )
+        return problems
+
+    def layer_kwargs(self, name: str, *, initialize: bool = True) -> dict[str, Any]:
+        return {}  # BitFit builds no modules
+
+    def block_indices(self, n_blocks: int) -> list[int]:
+        """The indices (``0 <= i < n_blocks``, in order) of the blocks ``blocks`` selects in a model of ``n_blocks``."""
+        blocks = self.blocks
+        if blocks is None:
+            return []
+        if blocks == "all":
+            return list(range(n_blocks))
+        if isinstance(blocks, str):
+            where, k = blocks.split(":")
+            if int(k) > n_blocks:
+                raise ValueError(f"BitFit(blocks={blocks!r}): the model has only {n_blocks} blocks.")
+            return list(range(int(k))) if where == "first" else list(range(n_blocks - int(k), n_blocks))
+        bad = [i for i in blocks if not -n_blocks <= i < n_blocks]
+        if bad:
+            raise ValueError(
+                f"BitFit(blocks={blocks!r}): {bad} out of range; the model has {n_blocks} blocks (indices "
+                f"0..{n_blocks - 1}, or -{n_blocks}..-1 from the end)."
+            )
+        return sorted({i % n_blocks for i in blocks})
+
+    def trainable_names(self, model: Any) -> list[str]:
+        # targets.py finds blocks and heads; it imports this module, so it is imported here, when a model is adapted.
+        from lightning_zenft.targets import module_candidates, output_head_names
+
+        canonical = {id(p): n for n, p in model.named_parameters()}  # a tied parameter under its first name
+        chosen: dict[str, None] = {}
+        kind = type(model).__name__
+        if self.train_head:
+            heads = sorted(output_head_names(model))
+            if not heads:
+                raise ValueError(
+                    f"BitFit(train_head=True): {kind} has no output head (get_output_embeddings() or a module named "
+                    "lm_head); name the module in modules_to_save instead."
+                )
+            for head in heads:
+                for pname, p in model.get_submodule(head).named_parameters():
+                    if canonical[id(p)] != f"{head}.{pname}":
+                        warnings.warn(
+                            f"BitFit(train_head=True): {head}.{pname} is tied to {canonical[id(p)]}, which trains too.",
+                            stacklevel=2,
+                        )
+                    chosen[canonical[id(p)]] = None
+        if self.blocks is not None:
+            names = module_candidates(model, "block")
+            if not names:
+                raise ValueError(
+                    f"BitFit(blocks={self.blocks!r}): {kind} has no transformer blocks (modules holding an attention "
+                    "module); name what should train in modules_to_save instead."
+                )
+            for index in self.block_indices(len(names)):
+                block = model.get_submodule(names[index])
+                parts = [""] if self.block_parts == "all" else module_candidates(block, self.block_parts)
+                if not parts:
+                    raise ValueError(
+                        f"BitFit(block_parts={self.block_parts!r}): block {names[index]} has no {self.block_parts} "
+                        "module; use block_parts='all'."
+                    )
+                for part in parts:
+                    for p in block.get_submodule(part).parameters():
+                        chosen[canonical[id(p)]] = None
+        if self.bias == "all" and not any(n.rsplit(".", 1)[-1] == "bias" for n in canonical.values()):
+            if not (chosen or self.trainable_norms or self.modules_to_save):
+                raise ValueError(
+                    f"BitFit: {kind} has no bias parameters (Llama-style models use bias-free layers), so BitFit would "
+                    "train nothing. Train other parts instead: bias='none' with trainable_norms=True, train_head=True, "
+                    "blocks='last:2' (selected layers) or modules_to_save; or use LoRA/IA3."
+                )
+            warnings.warn(
+                f"BitFit: {kind} has no bias parameters; only the norms, head, blocks or modules asked for train. "
+                "Pass bias='none' to say so.",
+                stacklevel=2,
+            )
+        return list(chosen)
+
+
+__all__ += ["IA3_FEEDFORWARD_MODULES", "IA3_TARGET_MODULES", "BitFitConfig", "IA3Config"]

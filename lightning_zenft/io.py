@@ -133,7 +133,8 @@ def save_adapter(
         }
     else:
         assert single is not None
-        bias, modules_to_save = _describe_extras(model, extra, [n for n, _ in layers])
+        absent = set(getattr(single.config_cls, "peft_absent_keys", ()))  # shared keys PEFT's config lacks
+        bias, modules_to_save = _describe_extras(model, extra, [n for n, _ in layers], "bias" not in absent)
         for pname, p in extra.items():
             tensors[PREFIX + pname] = p.detach()
         for module_name in modules_to_save:
@@ -150,6 +151,8 @@ def save_adapter(
                 "layers_pattern": None,
             }
         config |= single.config_cls.peft_config(settings)
+        for key in absent:
+            config.pop(key, None)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomically(out / WEIGHTS_NAME, lambda path: save_file(_contiguous(tensors), path, metadata={"format": "pt"}))
@@ -185,12 +188,17 @@ def _write_atomically(path: Path, write: Any) -> None:
         raise
 
 
-def _describe_extras(model: nn.Module, extra: dict[str, nn.Parameter], adapted: list[str]) -> tuple[str, list[str]]:
-    """Express trained non-adapter parameters as PEFT's ``bias`` and ``modules_to_save`` settings."""
+def _describe_extras(
+    model: nn.Module, extra: dict[str, nn.Parameter], adapted: list[str], bias_key: bool = True
+) -> tuple[str, list[str]]:
+    """Express trained non-adapter parameters as PEFT's ``bias`` and ``modules_to_save`` settings (only the latter
+    when the method's PEFT config has no ``bias`` key: ``bias_key=False``)."""
     all_biases = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
     lora_biases = {f"{name}.base_layer.bias" for name in adapted} & all_biases
     trained_biases = {n for n in extra if n.rsplit(".", 1)[-1] == "bias"}
-    if trained_biases and trained_biases == all_biases:
+    if not bias_key:
+        bias = "none"
+    elif trained_biases and trained_biases == all_biases:
         bias = "all"
     elif trained_biases and trained_biases == lora_biases:
         bias = "lora_only"
@@ -299,6 +307,8 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     state = {param_name(k if keep else _strip(k)): v for k, v in state_raw.items()}
     params = dict(model.named_parameters())
     expected = set(adapter_parameter_names(model))
+    if config.get("format") == OWN_FORMAT:  # our files also name every other tensor that trained
+        expected |= set(config.get("trained_parameters", []))
     missing = sorted(expected - state.keys())
     unexpected = sorted(k for k in state if k not in params)
     if missing or unexpected:

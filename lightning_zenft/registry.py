@@ -20,8 +20,9 @@ from typing import Any, Literal
 from torch import nn
 
 from lightning_zenft.adapters import DoRALinear, LoRALinear
+from lightning_zenft.adapters.ia3 import IA3Linear
 from lightning_zenft.adapters.lora_param import LoRAParameter
-from lightning_zenft.config import AdapterConfig, LoRAConfig
+from lightning_zenft.config import AdapterConfig, BitFitConfig, IA3Config, LoRAConfig
 
 AttachesTo = Literal["linear", "embedding", "attention", "mlp", "block", "model"]
 """What a method's module wraps (:mod:`lightning_zenft.targets` finds the candidates): a linear layer, the input
@@ -115,5 +116,11 @@ def _lora_layer(
     return (DoRALinear if use_dora else LoRALinear)(base, **kwargs)
 
 
+def _no_module(model: nn.Module, **kwargs: Any) -> nn.Module:
+    raise TypeError("BitFit builds no module: it only chooses which of the model's own parameters train.")
+
+
 # ---------------------------------------------------------------------------------------------------- the methods
 register(Method("lora", LoRAConfig, _lora_layer, "linear", (LoRALinear, LoRAParameter), peft_type="LORA"))
+register(Method("ia3", IA3Config, IA3Linear, "linear", (IA3Linear,), peft_type="IA3"))
+register(Method("bitfit", BitFitConfig, _no_module, "model", ()))

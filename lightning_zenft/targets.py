@@ -154,6 +154,15 @@ def _outermost(names: list[str]) -> list[str]:
     return [n for n in names if not any(n.startswith(other + ".") for other in names if other != n)]
 
 
+def _named_like(name: str, hints: Sequence[str]) -> bool:
+    return any(h in name.rsplit(".", 1)[-1].lower() for h in hints)
+
+
+def _is_norm(name: str, module: nn.Module) -> bool:
+    """A normalization layer, by its own name or its class name (``post_attention_layernorm``, ``LlamaRMSNorm``)."""
+    return "norm" in name.rsplit(".", 1)[-1].lower() or "norm" in type(module).__name__.lower()
+
+
 def module_candidates(model: nn.Module, kind: str, include_adapted: bool = False) -> list[str]:
     """Names of the modules of ``kind`` (see the module docstring) in ``model``, in module order.
 
@@ -175,8 +184,8 @@ def module_candidates(model: nn.Module, kind: str, include_adapted: bool = False
         getter = getattr(model, "get_input_embeddings", None)
         embedding = getter() if callable(getter) else None
         return [n for n, m in position.items() if m is embedding or (embedding is None and isinstance(m, nn.Embedding))]
-    attention = _outermost(
-        [n for n in position if any(h in n.rsplit(".", 1)[-1].lower() for h in _ATTENTION_HINTS)]
+    attention = _outermost(  # a norm named after attention (Llama's post_attention_layernorm) is not one
+        [n for n, m in position.items() if _named_like(n, _ATTENTION_HINTS) and not _is_norm(n, m)]
     )
     if kind == "attention":
         return attention

@@ -13,8 +13,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
+from torch import nn
 from typing_extensions import override
 
+from lightning_zenft.adapters import find_adapters
+from lightning_zenft.callbacks._adapter import AdapterCallback
 from lightning_zenft.io import save_adapter
 
 
@@ -25,6 +28,8 @@ class SaveAdapter(Callback):
         dirpath: the adapter directory; relative paths are taken under the Trainer's ``default_root_dir``.
         model_attr: the attribute of the LightningModule that holds the model (key paths are relative to it, as
             ``PeftModel.from_pretrained(base, dirpath)`` expects); ``""`` saves relative to the module itself.
+
+    A method that adds no module and only chooses what trains (``BitFit``) is named by the Trainer's adapter callback.
     """
 
     def __init__(self, dirpath: str = "adapter", model_attr: str = "model") -> None:
@@ -39,5 +44,14 @@ class SaveAdapter(Callback):
         path = Path(self.dirpath)
         if not path.is_absolute():
             path = Path(trainer.default_root_dir) / path
-        self.saved_to = save_adapter(model, path)
+        self.saved_to = save_adapter(model, path, method=_method_without_modules(trainer, model))
         print(f"adapter saved to {self.saved_to}")
+
+
+def _method_without_modules(trainer: pl.Trainer, model: nn.Module) -> str | None:
+    """The method of the Trainer's adapter callback when ``model`` holds no adapter module (a method such as BitFit,
+    which only changes what trains); None otherwise (``save_adapter`` reads the method from the modules)."""
+    if any(True for _ in find_adapters(model)):
+        return None
+    methods = {type(c.config).method for c in trainer.callbacks if isinstance(c, AdapterCallback)}
+    return methods.pop() if len(methods) == 1 else None
