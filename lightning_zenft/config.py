@@ -62,6 +62,8 @@ class AdapterConfig(ABC):
     """Per-layer settings that change what the trained tensors mean (checked when loading or resuming)."""
     peft_unsupported: ClassVar[tuple[str, ...]] = ()
     """PEFT config keys that change what a file means and that this library does not implement: refused on load."""
+    peft_absent_keys: ClassVar[tuple[str, ...]] = ()
+    """Keys every PEFT config of a wrapping method gets that PEFT's config of this method lacks (left out of files)."""
     attach_name: ClassVar[str | None] = None
     """For a method attached to the whole model: the attribute its module is added under (None: no module)."""
     attach_kind: ClassVar[str | None] = None

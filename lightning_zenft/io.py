@@ -133,7 +133,7 @@ def save_adapter(
         }
     else:
         assert single is not None
-        absent = set(getattr(single.config_cls, "peft_absent_keys", ()))  # shared keys PEFT's config lacks
+        absent = set(single.config_cls.peft_absent_keys)  # shared keys PEFT's config of the method lacks
         bias, modules_to_save = _describe_extras(model, extra, [n for n, _ in layers], "bias" not in absent)
         for pname, p in extra.items():
             tensors[PREFIX + pname] = p.detach()
