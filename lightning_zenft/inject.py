@@ -35,6 +35,7 @@ from lightning_zenft.config import AdapterConfig, pattern_value
 from lightning_zenft.registry import Method, method_for_config, method_for_module
 from lightning_zenft.targets import (
     match_targets,
+    model_root,
     walk,
 )
 
@@ -133,9 +134,9 @@ def plan_adapters(
             sub = plan_adapters(model, part, initialize=initialize, include_adapted=include_adapted)
             layers += [LayerPlan(layer.name, layer.kwargs, layer.method or sub.method) for layer in sub.layers]
         return AdapterPlan(method, config, layers)
-    if method.attaches_to == "model":  # one module beside the model (or none: a method that only changes what trains)
+    if method.attaches_to == "model":  # one module in the adapted model (none: a method that only changes what trains)
         name = config.attach_name
-        targets = [] if name is None else [name]
+        targets = [] if name is None else [_attach_path(model, name, include_adapted)]
     else:
         kind = method.attaches_to
         targets = match_targets(model, config.target_modules, config.exclude_modules, include_adapted, kind)
@@ -147,6 +148,19 @@ def plan_adapters(
             stacklevel=3,
         )
     return plan
+
+
+def _attach_path(model: nn.Module, attach_name: str, include_adapted: bool) -> str:
+    """Where a ``"model"``-kind module goes: ``attach_name`` inside the model it adapts (:func:`model_root`)."""
+    root = model_root(model)
+    owner = model.get_submodule(root) if root else model
+    if not include_adapted and hasattr(owner, attach_name):
+        raise ValueError(
+            f"{type(owner).__name__} already has an attribute {attach_name!r} "
+            f"({type(getattr(owner, attach_name)).__name__}); an adapter of this kind is already in place or the name "
+            "is taken. Unload it first (lightning_zenft.unload_adapters(model, merge=False))."
+        )
+    return f"{root}.{attach_name}" if root else attach_name
 
 
 def _unused_patterns(config: AdapterConfig, names: list[str]) -> dict[str, list[str]]:
@@ -184,11 +198,14 @@ def apply_plan(model: nn.Module, plan: AdapterPlan) -> None:
 
 
 def build_plan(model: nn.Module, plan: AdapterPlan) -> None:
-    """Build and swap in every module of ``plan``; a ``"model"``-kind module is built from the whole model and added
-    at its plan name."""
+    """Build and swap in every module of ``plan``; a ``"model"``-kind module is built from the model it is added to
+    (the parent of its plan name: the model it adapts, see :func:`lightning_zenft.targets.model_root`)."""
     for layer in plan.layers:
         method = layer.method or plan.method
-        target = model if method.attaches_to == "model" else model.get_submodule(layer.name)
+        if method.attaches_to == "model":
+            target = model.get_submodule(layer.name.rpartition(".")[0])
+        else:
+            target = model.get_submodule(layer.name)
         _replace(model, layer.name, method.build(target, **layer.kwargs))
 
 
