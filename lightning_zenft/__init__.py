@@ -6,6 +6,9 @@ from lightning_zenft.adapters import (
     LoRALinear,
     LowRankUpdate,
     Mergeable,
+    PrefixKV,
+    PromptEncoder,
+    SoftPrompt,
     Wrapping,
     disable_adapters,
     find_adapters,
@@ -16,7 +19,8 @@ from lightning_zenft.callbacks._adapter import AdapterCallback, trainable_parame
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.callbacks.kernels import FusedKernels
 from lightning_zenft.callbacks.lora import DoRA, LoRA
-from lightning_zenft.config import AdapterConfig, LoRAConfig
+from lightning_zenft.callbacks.prompt import PrefixTuning, PromptTuning, PTuning
+from lightning_zenft.config import AdapterConfig, LoRAConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
 from lightning_zenft.inject import (
     AdapterPlan,
@@ -77,4 +81,13 @@ __all__ = [
     "unload_adapters",
     "unmerge_adapters",
     "Wrapping",
+    "PrefixKV",
+    "PrefixTuning",
+    "PrefixTuningConfig",
+    "PromptEncoder",
+    "PromptTuning",
+    "PromptTuningConfig",
+    "PTuning",
+    "PTuningConfig",
+    "SoftPrompt",
 ]

@@ -20,7 +20,9 @@ from typing import Any, Literal
 from torch import nn
 
 from lightning_zenft.adapters import DoRALinear, LoRALinear
-from lightning_zenft.config import AdapterConfig, LoRAConfig
+from lightning_zenft.adapters.prefix import PrefixKV
+from lightning_zenft.adapters.prompt import PromptEncoder, SoftPrompt
+from lightning_zenft.config import AdapterConfig, LoRAConfig, PrefixTuningConfig, PromptTuningConfig, PTuningConfig
 
 AttachesTo = Literal["linear", "embedding", "attention", "mlp", "block", "model"]
 """What a method's module wraps (:mod:`lightning_zenft.targets` finds the candidates): a linear layer, the input
@@ -110,3 +112,6 @@ def _lora_layer(base: nn.Module, *, use_dora: bool = False, **kwargs: Any) -> nn
 
 # ---------------------------------------------------------------------------------------------------- the methods
 register(Method("lora", LoRAConfig, _lora_layer, "linear", (LoRALinear,), peft_type="LORA"))
+register(Method("prompt_tuning", PromptTuningConfig, SoftPrompt, "model", (SoftPrompt,), peft_type="PROMPT_TUNING"))
+register(Method("prefix_tuning", PrefixTuningConfig, PrefixKV, "model", (PrefixKV,), peft_type="PREFIX_TUNING"))
+register(Method("p_tuning", PTuningConfig, PromptEncoder, "model", (PromptEncoder,), peft_type="P_TUNING"))
