@@ -124,15 +124,11 @@ class PrefixKV(ModelPrompt):
         self.prefix_projection = prefix_projection
         kv_dim = self.num_key_value_heads * self.head_dim
         width = self.num_layers * 2 * kv_dim
-        self.encoder_hidden_size = (
-            (kv_dim if encoder_hidden_size is None else int(encoder_hidden_size)) if (prefix_projection) else None
-        )
+        self.encoder_hidden_size = encoder_hidden_size  # as given (None: the default), so settings() rebuild it
         if prefix_projection:
-            assert self.encoder_hidden_size is not None
+            hidden = kv_dim if encoder_hidden_size is None else int(encoder_hidden_size)
             self.embedding = nn.Parameter(torch.randn(num_virtual_tokens, kv_dim))  # P' (n, d')
-            self.transform = nn.Sequential(
-                nn.Linear(kv_dim, self.encoder_hidden_size), nn.Tanh(), nn.Linear(self.encoder_hidden_size, width)
-            )
+            self.transform = nn.Sequential(nn.Linear(kv_dim, hidden), nn.Tanh(), nn.Linear(hidden, width))
         else:
             self.prompt_embeddings = nn.Parameter(torch.randn(num_virtual_tokens, width))  # P (n, L*2*Hkv*D)
         reference = next((p for p in model.parameters() if p.is_floating_point()), None)

@@ -256,10 +256,9 @@ class PromptEncoder(_InputPrompt):
         d = self.token_dim
         h = d if encoder_hidden_size is None else int(encoder_hidden_size)
         lstm = encoder_type == "lstm"
-        self.encoder_type = encoder_type
-        self.encoder_hidden_size = None if encoder_type == "none" else h
-        self.encoder_num_layers = (2 if encoder_num_layers is None else int(encoder_num_layers)) if lstm else None
-        self.encoder_dropout = (0.0 if encoder_dropout is None else float(encoder_dropout)) if lstm else None
+        self.encoder_type = encoder_type  # the arguments as given (None: the default), so settings() rebuild it
+        self.encoder_hidden_size, self.encoder_num_layers = encoder_hidden_size, encoder_num_layers
+        self.encoder_dropout = encoder_dropout
         weight = model.get_input_embeddings().weight  # (V, d)
         if encoder_type == "none":  # the virtual embeddings themselves, on the scale of the model's embeddings
             table = torch.randn(num_virtual_tokens, d, device=weight.device) * weight.detach().float().std()
@@ -269,14 +268,9 @@ class PromptEncoder(_InputPrompt):
         if encoder_type == "mlp":
             self.mlp_head = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, d))
         elif lstm:
-            self.lstm_head = nn.LSTM(
-                d,
-                h,
-                num_layers=self.encoder_num_layers,
-                dropout=self.encoder_dropout,
-                bidirectional=True,
-                batch_first=True,
-            )
+            layers = 2 if encoder_num_layers is None else int(encoder_num_layers)
+            dropout = 0.0 if encoder_dropout is None else float(encoder_dropout)
+            self.lstm_head = nn.LSTM(d, h, num_layers=layers, dropout=dropout, bidirectional=True, batch_first=True)
             self.mlp_head = nn.Sequential(nn.Linear(2 * h, 2 * h), nn.ReLU(), nn.Linear(2 * h, d))
         self.to(device=weight.device, dtype=weight.dtype)
         self._install(model)

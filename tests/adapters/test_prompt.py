@@ -75,7 +75,7 @@ def _virtual_reference(module, params: dict[str, torch.Tensor]) -> torch.Tensor:
     x = params["embedding"]  # (n, d)
     if module.encoder_type == "lstm":
         lstm = {k.removeprefix("lstm_head."): v for k, v in params.items() if k.startswith("lstm_head.")}
-        x = _lstm_reference(x, lstm, module.encoder_num_layers)
+        x = _lstm_reference(x, lstm, module.lstm_head.num_layers)
         return F.linear(F.relu(F.linear(x, params["mlp_head.0.weight"], params["mlp_head.0.bias"])),
                         params["mlp_head.2.weight"], params["mlp_head.2.bias"])  # fmt: skip
     for i in (0, 2):
