@@ -34,6 +34,10 @@ CACHE_MARK = "_zenft_virtual_tokens"
 """Attribute set on a ``Cache`` filled through a prompt method: how many virtual tokens it holds first."""
 
 _CACHE_KEYS = ("cache", "past_key_values")
+_RESTART = (
+    "A cache that holds tokens takes only the new tokens, with a mask over its real positions plus theirs; "
+    "`generate` given back a cache it returned counts the virtual tokens as input tokens: start it without one."
+)
 
 
 def check_virtual_tokens(num_virtual_tokens: object) -> int:
@@ -172,13 +176,20 @@ class ModelPrompt(nn.Module):
                 "adapter on (its virtual tokens are missing). Start from no cache (or an empty one) with the "
                 "adapter on."
             )
-        length = self._length(call)
-        mask = call.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and length is not None and mask.shape[-1] != held - count + length:
+        length, real = self._length(call), held - count
+        mask, positions = call.get("attention_mask"), call.get("position_ids")
+        # `generate` given back a cache it returned takes the virtual tokens for input tokens and re-feeds tokens
+        # the cache holds: the mask then covers more than the cache's real positions plus the call's, or (no mask,
+        # so no padding) the position ids do not start right after the real positions the cache holds
+        if mask is not None and mask.dim() == 2 and length is not None and mask.shape[-1] != real + length:
             raise ValueError(
                 f"{type(self).__name__}: the attention mask covers {mask.shape[-1]} positions, but the cache holds "
-                f"{held - count} real positions (after {count} virtual ones) and the call adds {length}. Chunked "
-                "prefill, and generate continued from a returned cache, are not supported with prompt methods."
+                f"{real} real positions (after {count} virtual ones) and the call adds {length}. {_RESTART}"
+            )
+        if mask is None and positions is not None and positions.numel() and bool((positions[..., 0] != real).any()):
+            raise ValueError(
+                f"{type(self).__name__}: the position ids start at {positions[..., 0].tolist()}, but the cache holds "
+                f"{real} real positions (after {count} virtual ones), so the next one is {real}. {_RESTART}"
             )
         self._shift(call, count, length)
 

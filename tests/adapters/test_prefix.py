@@ -133,9 +133,14 @@ def test_generate_equals_no_cache_greedy_and_unpadded_rows(arch):
     seqs = rows(lengths=(5, 3))
     ids, mask = padded(seqs, "left")
     batch = generate(model, ids, mask, 6)[:, ids.shape[1] :]
+    with torch.no_grad():
+        beams = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
     for i, seq in enumerate(seqs):
         reference = greedy_no_cache(model, seq[None], 6)[0, len(seq) :]
         assert torch.equal(batch[i], reference)
+        with torch.no_grad():  # beam search (the cache reordered between beams) gives each row's unpadded beams too
+            alone = model.generate(seq[None], max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(beams[i, ids.shape[1] :], alone[0, len(seq) :])
     with disable_adapters(model):
         assert not torch.equal(generate(model, ids, mask, 6)[:, ids.shape[1] :], batch)
 

@@ -182,6 +182,19 @@ def test_refuses_a_cache_filled_without_the_adapter_and_a_mask_that_does_not_fit
         model(input_ids=ids[:, 4:], cache=primed, attention_mask=torch.ones(2, 7, dtype=torch.long))
 
 
+def test_chunked_prefill_works_and_generate_given_back_its_cache_is_refused():
+    model, _ = _adapted("gpt2", "prompt")
+    model.eval()
+    ids = token_batch(1, 9)
+    reference = greedy_no_cache(model, ids, 4)
+    with torch.no_grad():
+        chunked = model.generate(ids, max_new_tokens=4, do_sample=False, prefill_chunk_size=4, pad_token_id=0)
+        assert torch.equal(chunked, reference)
+        first = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+        with pytest.raises(ValueError, match=r"position ids start at \[2\], but the cache holds 10 real positions"):
+            model.generate(first.sequences, cache=first.cache, max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+
 def test_disable_and_unload_restore_the_base_outputs_exactly():
     ids = token_batch(2, 6)
     model = tiny_model("gpt2")
