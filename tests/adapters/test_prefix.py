@@ -3,12 +3,16 @@ the cache, generate, and the models where it is impossible."""
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
 import torch.nn.functional as F
 from prompt_testing import NoCacheLM, NoEmbeddings, generate, greedy_no_cache, padded, randomize, rows
+from torch import nn
 from zenft_testing import tiny_model, token_batch
 
 from lightning_zenft import (
@@ -17,8 +21,12 @@ from lightning_zenft import (
     disable_adapters,
     find_adapters,
     inject_adapters,
+    load_adapter,
+    save_adapter,
     unload_adapters,
 )
+from lightning_zenft.config import AdapterConfig
+from lightning_zenft.registry import _METHODS, Method
 
 N = 3
 
@@ -217,3 +225,67 @@ def test_gradient_checkpointing_in_training_is_refused():
 def test_bad_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PrefixTuningConfig(**kwargs)
+
+
+class _Scale(nn.Module):
+    """A test-only adapter on a linear layer: ``base(x) * (1 + s)``, ``s`` one trained scalar."""
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.base_layer, self.disabled = base, False
+        self.s = nn.Parameter(torch.zeros(()))
+
+    def adapter_params(self) -> list[str]:
+        return ["s"]
+
+    def settings(self) -> dict:
+        return {}
+
+    def export_state(self) -> tuple[dict, dict]:
+        return {"s": self.s.detach()}, {}
+
+    def forward(self, x):
+        out = self.base_layer(x)
+        return out if self.disabled else out * (1 + self.s)
+
+
+@dataclass(kw_only=True)
+class _ScaleConfig(AdapterConfig):
+    method: ClassVar[str] = "test_scale"
+
+    def layer_kwargs(self, name, *, initialize=True):
+        return {}
+
+
+@dataclass(kw_only=True)
+class _ScalePlusPrefix(AdapterConfig):
+    """Shaped as MAM: an adapter on some layers plus prefix tuning, each planned by its own config."""
+
+    method: ClassVar[str] = "test_scale_prefix"
+
+    def parts(self):
+        prefix = PrefixTuningConfig(num_virtual_tokens=N, prefix_projection=True)
+        return [_ScaleConfig(target_modules=["o_proj"]), prefix]
+
+    def layer_kwargs(self, name, *, initialize=True):
+        raise AssertionError("a composite's layers are built by its parts")
+
+
+def test_prefix_as_a_part_of_a_composite_method(tmp_path, monkeypatch):
+    """A composite config plans its parts; saved in our own format (no PEFT type), it loads into a fresh model with
+    the same outputs (the prefix MLP saved as its output table)."""
+    monkeypatch.setitem(_METHODS, "test_scale", Method("test_scale", _ScaleConfig, _Scale, "linear", (_Scale,)))
+    composite = Method("test_scale_prefix", _ScalePlusPrefix, _Scale, "linear", ())
+    monkeypatch.setitem(_METHODS, "test_scale_prefix", composite)
+    model = tiny_model("llama")
+    names = inject_adapters(model, _ScalePlusPrefix())
+    assert names == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj", "prefix_tuning"]
+    randomize(model)
+    out = save_adapter(model, tmp_path / "adapter")
+    assert json.loads((out / "adapter_config.json").read_text())["format"] == "lightning_zenft"
+    fresh = tiny_model("llama")
+    load_adapter(fresh, out)
+    assert fresh.prefix_tuning.prefix_projection is False
+    ids = token_batch(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-6, rtol=1e-6)

@@ -274,6 +274,14 @@ def test_impossible_models_and_calls_raise_clear_errors():
     assert not hasattr(SoftPrompt, "merge") and not hasattr(PromptEncoder, "merge")
 
 
+def test_a_wrapper_holding_two_models_is_refused():
+    pair = torch.nn.ModuleDict({"student": tiny_model(), "teacher": tiny_model()})
+    with pytest.raises(ValueError, match=r"holds 2 models with input embeddings \(\['student', 'teacher'\]\)"):
+        inject_adapters(pair, PromptTuningConfig())
+    inject_adapters(pair.student, PromptTuningConfig())  # the way out the message gives
+    assert [n for n, _ in find_adapters(pair)] == ["student.prompt_tuning"]
+
+
 def test_encoder_decoder_models_are_refused():
     import transformers as tf
 
