@@ -6,6 +6,9 @@ from lightning_zenft.adapters import (
     LoRALinear,
     LowRankUpdate,
     Mergeable,
+    PrefixKV,
+    PromptEncoder,
+    SoftPrompt,
     Wrapping,
     disable_adapters,
     find_adapters,
@@ -22,7 +25,16 @@ from lightning_zenft.callbacks.kernels import FusedKernels
 from lightning_zenft.callbacks.lora import DoRA, LoRA
 from lightning_zenft.callbacks.merge import MergeAdapters
 from lightning_zenft.callbacks.pareto_checkpoint import ParetoCheckpoint
-from lightning_zenft.config import AdapterConfig, BitFitConfig, IA3Config, LoRAConfig
+from lightning_zenft.callbacks.prompt import PrefixTuning, PromptTuning, PTuning
+from lightning_zenft.config import (
+    AdapterConfig,
+    BitFitConfig,
+    IA3Config,
+    LoRAConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+)
 from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
 from lightning_zenft.inject import (
     AdapterPlan,
@@ -105,4 +117,13 @@ __all__ = [
     "IA3",
     "IA3Config",
     "IA3Linear",
+    "PrefixKV",
+    "PrefixTuning",
+    "PrefixTuningConfig",
+    "PromptEncoder",
+    "PromptTuning",
+    "PromptTuningConfig",
+    "PTuning",
+    "PTuningConfig",
+    "SoftPrompt",
 ]

@@ -14,8 +14,9 @@ The format, as PEFT writes it:
 
 Our modules use PEFT's module structure (``base_layer``, ``lora_A``, ``lora_B``), so a key maps to a parameter by
 stripping the ``base_model.model.`` prefix. A method attached to the whole model (prompt tuning) names its tensors
-itself, as PEFT does (``prompt_embeddings``). Methods PEFT lacks (``peft_type=None`` in the registry) are saved in the
-same two files with a config of ours::
+itself, as PEFT does (``prompt_embeddings``, at the top level of the file), and its config's ``param_name`` maps
+such a key to the parameter it fills, relative to the method's module. Methods PEFT lacks (``peft_type=None`` in the
+registry) are saved in the same two files with a config of ours::
 
     {"format": "lightning_zenft", "method": "<registry name>", "layers": {"<module path>": {<build arguments>}},
      "base_model_name_or_path": ..., "bias": ..., "modules_to_save": [...]}
@@ -127,7 +128,8 @@ def save_adapter(
         config = {
             "format": OWN_FORMAT,
             "method": single.name if single else sorted(named),
-            "layers": {n: {"method": methods[n].name, "settings": settings[n]} for n, _ in layers},
+            # the build arguments (settings()), so load_adapter rebuilds each module as it was
+            "layers": {n: {"method": methods[n].name, "settings": layer.settings()} for n, layer in layers},
             "trained_parameters": sorted(extra),
             **common,
         }
@@ -303,8 +305,13 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         apply_plan(model, plan)
 
     param_name = plan.method.config_cls.param_name
-    keep = config.get("format") != OWN_FORMAT and plan.method.attaches_to == "model"  # tensors named by the method
-    state = {param_name(k if keep else _strip(k)): v for k, v in state_raw.items()}
+    if config.get("format") != OWN_FORMAT and plan.method.attaches_to == "model":
+        # the method names its tensors as PEFT does (``prompt_embeddings``); param_name gives the parameter they fill,
+        # relative to the method's module, which sits where the plan puts it
+        (module_name,) = plan.names
+        state = {f"{module_name}.{param_name(k)}": v for k, v in state_raw.items()}
+    else:
+        state = {param_name(_strip(k)): v for k, v in state_raw.items()}
     params = dict(model.named_parameters())
     expected = set(adapter_parameter_names(model))
     if config.get("format") == OWN_FORMAT:  # our files also name every other tensor that trained

@@ -22,7 +22,17 @@ from torch import nn
 from lightning_zenft.adapters import DoRALinear, LoRALinear
 from lightning_zenft.adapters.ia3 import IA3Linear
 from lightning_zenft.adapters.lora_param import LoRAParameter
-from lightning_zenft.config import AdapterConfig, BitFitConfig, IA3Config, LoRAConfig
+from lightning_zenft.adapters.prefix import PrefixKV
+from lightning_zenft.adapters.prompt import PromptEncoder, SoftPrompt
+from lightning_zenft.config import (
+    AdapterConfig,
+    BitFitConfig,
+    IA3Config,
+    LoRAConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+)
 
 AttachesTo = Literal["linear", "embedding", "attention", "mlp", "block", "model"]
 """What a method's module wraps (:mod:`lightning_zenft.targets` finds the candidates): a linear layer, the input
@@ -124,3 +134,6 @@ def _no_module(model: nn.Module, **kwargs: Any) -> nn.Module:
 register(Method("lora", LoRAConfig, _lora_layer, "linear", (LoRALinear, LoRAParameter), peft_type="LORA"))
 register(Method("ia3", IA3Config, IA3Linear, "linear", (IA3Linear,), peft_type="IA3"))
 register(Method("bitfit", BitFitConfig, _no_module, "model", ()))
+register(Method("prompt_tuning", PromptTuningConfig, SoftPrompt, "model", (SoftPrompt,), peft_type="PROMPT_TUNING"))
+register(Method("prefix_tuning", PrefixTuningConfig, PrefixKV, "model", (PrefixKV,), peft_type="PREFIX_TUNING"))
+register(Method("p_tuning", PTuningConfig, PromptEncoder, "model", (PromptEncoder,), peft_type="P_TUNING"))

@@ -281,6 +281,28 @@ def _match_modules(
     return selected
 
 
+def model_root(model: nn.Module) -> str:
+    """The name, inside ``model``, of the model a ``"model"``-kind method adapts: the outermost module with input
+    embeddings (a ``get_input_embeddings`` method, as every ``transformers`` model has); ``""`` for ``model`` itself,
+    also when no module has them (the method's module then says what it needs).
+
+    A LightningModule holding a causal LM in ``.model`` gives ``"model"``; the causal LM itself gives ``""``.
+
+    Raises:
+        ValueError: when several modules qualify (e.g. a student and a teacher model).
+    """
+    if callable(getattr(model, "get_input_embeddings", None)):
+        return ""
+    found = _outermost([n for n, m in walk(model) if callable(getattr(m, "get_input_embeddings", None))])
+    if len(found) > 1:
+        raise ValueError(
+            f"{type(model).__name__} holds {len(found)} models with input embeddings ({found}); a method attached to "
+            "the whole model cannot tell which one to adapt. Inject into that model directly "
+            "(lightning_zenft.inject_adapters(module.<name>, config))."
+        )
+    return found[0] if found else ""
+
+
 _KIND_HELP = {
     "attention": "modules named *attn* or *attention*",
     "mlp": "modules named mlp, ffn or feed_forward",
