@@ -185,11 +185,20 @@ def apply_plan(model: nn.Module, plan: AdapterPlan) -> None:
 
 def build_plan(model: nn.Module, plan: AdapterPlan) -> None:
     """Build and swap in every module of ``plan``; a ``"model"``-kind module is built from the whole model and added
-    at its plan name."""
+    at its plan name.
+
+    A module that needs something outside itself (LoReFT reads the attention mask the model was called with) has
+    ``install(model)``, called once it is in place, and ``remove()``, called before it is taken out
+    (:func:`unload_adapters`).
+    """
     for layer in plan.layers:
         method = layer.method or plan.method
         target = model if method.attaches_to == "model" else model.get_submodule(layer.name)
-        _replace(model, layer.name, method.build(target, **layer.kwargs))
+        module = method.build(target, **layer.kwargs)
+        _replace(model, layer.name, module)
+        install = getattr(module, "install", None)
+        if callable(install):
+            install(model)
 
 
 def set_trainable_names(model: nn.Module, names: list[str]) -> None:
@@ -262,12 +271,12 @@ def unload_adapters(model: nn.Module, merge: bool = True) -> list[str]:
     for name, layer in layers:
         if not merge and isinstance(layer, Mergeable) and layer.merged:
             layer.unmerge()
+        remove = getattr(layer, "remove", None)
+        if callable(remove):  # undo what the module installed (hooks on the model)
+            remove()
         if isinstance(layer, Wrapping):
             _replace(model, name, layer.base_layer)
-        else:  # a module beside the model (e.g. prompt tuning's): undo what it installed, then drop it
-            remove = getattr(layer, "remove", None)
-            if callable(remove):
-                remove()
+        else:  # a module beside the model (e.g. prompt tuning's): drop it
             parent_name, _, child = name.rpartition(".")
             delattr(model.get_submodule(parent_name) if parent_name else model, child)
         restored.append(name)
