@@ -12,11 +12,15 @@ from lightning_zenft.adapters import (
     merge_adapters,
     unmerge_adapters,
 )
+from lightning_zenft.adapters.bottleneck import BottleneckAdapterLayer, ParallelAdapterLayer
+from lightning_zenft.adapters.reft import LoReFTLayer
 from lightning_zenft.callbacks._adapter import AdapterCallback, trainable_parameters
+from lightning_zenft.callbacks.bottleneck import BottleneckAdapter, ParallelAdapter
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.callbacks.kernels import FusedKernels
 from lightning_zenft.callbacks.lora import DoRA, LoRA
-from lightning_zenft.config import AdapterConfig, LoRAConfig
+from lightning_zenft.callbacks.reft import LoReFT
+from lightning_zenft.config import AdapterConfig, BottleneckConfig, LoRAConfig, LoReFTConfig, ParallelAdapterConfig
 from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
 from lightning_zenft.inject import (
     AdapterPlan,
@@ -77,4 +81,15 @@ __all__ = [
     "unload_adapters",
     "unmerge_adapters",
     "Wrapping",
+]
+__all__ += [
+    "BottleneckAdapter",
+    "BottleneckAdapterLayer",
+    "BottleneckConfig",
+    "LoReFT",
+    "LoReFTConfig",
+    "LoReFTLayer",
+    "ParallelAdapter",
+    "ParallelAdapterConfig",
+    "ParallelAdapterLayer",
 ]

@@ -20,13 +20,18 @@ from typing import Any, Literal
 from torch import nn
 
 from lightning_zenft.adapters import DoRALinear, LoRALinear
-from lightning_zenft.config import AdapterConfig, LoRAConfig
+from lightning_zenft.adapters.bottleneck import BottleneckAdapterLayer, ParallelAdapterLayer
+from lightning_zenft.adapters.reft import LoReFTLayer
+from lightning_zenft.config import AdapterConfig, BottleneckConfig, LoRAConfig, LoReFTConfig, ParallelAdapterConfig
 
-AttachesTo = Literal["linear", "embedding", "attention", "mlp", "block", "model"]
+Kind = Literal["linear", "embedding", "attention", "mlp", "block", "model"]
+AttachesTo = Kind | tuple[Kind, ...]
 """What a method's module wraps (:mod:`lightning_zenft.targets` finds the candidates): a linear layer, the input
 embedding, an attention module, a feed-forward module, a transformer block; or ``"model"``: one module beside the
 whole model, built from it and added as ``config.attach_name`` (prompt tuning), or none at all when
-``attach_name`` is None (methods that only change what trains, e.g. BitFit)."""
+``attach_name`` is None (methods that only change what trains, e.g. BitFit). A tuple of module kinds (e.g.
+``("attention", "mlp")``, bottleneck adapters) attaches to any of them: ``target_modules`` then picks among their
+candidates together (``"all"``, a kind's name, names or a regex)."""
 
 
 @dataclass(frozen=True)
@@ -109,4 +114,8 @@ def _lora_layer(base: nn.Module, *, use_dora: bool = False, **kwargs: Any) -> nn
 
 
 # ---------------------------------------------------------------------------------------------------- the methods
+_SUBLAYERS: AttachesTo = ("attention", "mlp")
 register(Method("lora", LoRAConfig, _lora_layer, "linear", (LoRALinear,), peft_type="LORA"))
+register(Method("bottleneck", BottleneckConfig, BottleneckAdapterLayer, _SUBLAYERS, (BottleneckAdapterLayer,)))
+register(Method("parallel_adapter", ParallelAdapterConfig, ParallelAdapterLayer, _SUBLAYERS, (ParallelAdapterLayer,)))
+register(Method("loreft", LoReFTConfig, LoReFTLayer, "block", (LoReFTLayer,)))
