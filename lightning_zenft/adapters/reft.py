@@ -10,10 +10,11 @@ The span of ``R``'s rows is the subspace; within it, ``h``'s coordinates ``R h``
 ``W h + b``; the orthogonal complement is untouched.
 
 * ``R`` stays orthonormal DURING training: it is a parametrization (``torch.nn.utils.parametrizations.orthogonal``,
-  Householder reflectors, no trivialization buffer), so every optimizer step moves a free tensor and ``R`` is
-  recomputed from it; nothing projects ``R`` back after a step. The trained tensor is
-  ``rotate.parametrizations.weight.original``; ``rotate.weight`` is ``R``. It starts as a random orthonormal
-  matrix, ``W, b`` as ``nn.Linear``'s default, as the paper's code does; the edit is therefore not zero at start.
+  Householder reflectors, no trivialization buffer, the reflectors' unused diagonal pinned to 1 so weight decay
+  cannot zero a row), so every optimizer step moves a free tensor and ``R`` is recomputed from it; nothing projects
+  ``R`` back after a step. The trained tensor is ``rotate.parametrizations.weight.original`` (``r x d``; its
+  diagonal gets no gradient); ``rotate.weight`` is ``R``. It starts as a random orthonormal matrix, ``W, b`` as
+  ``nn.Linear``'s default, as the paper's code does; the edit is therefore not zero at start.
 * Positions: the first ``first_positions`` and the last ``last_positions`` REAL tokens of each sequence (their union
   when they overlap), read from the ``attention_mask`` the model was called with, so left- and right-padded batches
   intervene on the same tokens as unpadded ones. A sequence with fewer real tokens than a position needs raises an
@@ -42,10 +43,24 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal
 from torch.utils.hooks import RemovableHandle
 
 from lightning_zenft.adapters._sublayer import float_dtype_device, join_output, module_widths, split_output
+
+
+class _UnitDiagonal(nn.Module):
+    """The diagonal of the Householder factors set to 1: PyTorch's Householder map reads column signs from it with an
+    integer cast, so weight decay (which still shrinks entries that get no gradient) would turn a 1 into 0.99 and then
+    0, zeroing a row of ``R``. With the diagonal fixed, these entries are unused; a sign flip of a row of ``R`` is
+    absorbed by ``W, b`` anyway."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.diagonal_scatter(x, torch.ones(min(x.shape), dtype=x.dtype, device=x.device))
+
+    def right_inverse(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class LoReFTLayer(nn.Module):
@@ -90,6 +105,7 @@ class LoReFTLayer(nn.Module):
         self.r, self.first_positions, self.last_positions = r, first_positions, last_positions
         self.rotate = nn.Linear(self.hidden_size, r, bias=False, device=device, dtype=dtype)  # R: (r, d)
         nn.init.orthogonal_(self.rotate.weight)
+        parametrize.register_parametrization(self.rotate, "weight", _UnitDiagonal())
         orthogonal(self.rotate, orthogonal_map="householder", use_trivialization=False)
         self.learned_source = nn.Linear(self.hidden_size, r, device=device, dtype=dtype)  # W: (r, d), b: (r,)
         self.edit_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

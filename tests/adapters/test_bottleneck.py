@@ -256,7 +256,7 @@ def test_parallel_scaling_error_and_every_problem_at_once():
 
 def test_module_errors():
     mlp = tiny_model("llama").model.layers[0].mlp
-    with pytest.raises(ValueError, match="reduction_factor=3 does not divide the module's width 32 .*bottleneck_size=10"):
+    with pytest.raises(ValueError, match="reduction_factor=3 does not divide .* width 32 .*bottleneck_size=10"):
         BottleneckAdapterLayer(mlp, reduction_factor=3)
     with pytest.raises(ValueError, match="reduction_factor=64 does not divide"):
         BottleneckAdapterLayer(mlp, reduction_factor=64)
