@@ -99,7 +99,8 @@ def test_layer_equals_the_formula_and_r_is_orthonormal():
     assert torch.equal(got[:, 2:5], base[:, 2:5])  # positions 0, 1 and 5 only
 
 
-@pytest.mark.parametrize(("arch", "first", "last"), [("llama", 1, 1), ("gpt2", 2, 0), ("llama", 0, 3)])
+# (3, 3) on a sequence of 4 real tokens: the first and last positions overlap, and their union is edited
+@pytest.mark.parametrize(("arch", "first", "last"), [("llama", 3, 3), ("gpt2", 2, 0), ("llama", 0, 3)])
 def test_model_equals_the_formula_with_a_padded_batch(arch, first, last):
     model = tiny_model(arch)
     inject_adapters(model, LoReFTConfig(r=4, first_positions=first, last_positions=last))
