@@ -13,8 +13,9 @@ The span of ``R``'s rows is the subspace; within it, ``h``'s coordinates ``R h``
   Householder reflectors, no trivialization buffer, the reflectors' unused diagonal pinned to 1 so weight decay
   cannot zero a row), so every optimizer step moves a free tensor and ``R`` is recomputed from it; nothing projects
   ``R`` back after a step. The trained tensor is ``rotate.parametrizations.weight.original`` (``r x d``; its
-  diagonal gets no gradient); ``rotate.weight`` is ``R``. It starts as a random orthonormal matrix, ``W, b`` as
-  ``nn.Linear``'s default, as the paper's code does; the edit is therefore not zero at start.
+  diagonal gets no gradient); ``rotate.weight`` is ``R``, computed in float32 whatever the model's dtype. It starts
+  as a random orthonormal matrix, ``W, b`` as ``nn.Linear``'s default, as the paper's code does; the edit is
+  therefore not zero at start.
 * Positions: the first ``first_positions`` and the last ``last_positions`` REAL tokens of each sequence (their union
   when they overlap), read from the ``attention_mask`` the model was called with, so left- and right-padded batches
   intervene on the same tokens as unpadded ones. A sequence with fewer real tokens than a position needs raises an
@@ -51,12 +52,13 @@ from lightning_zenft.adapters._sublayer import float_dtype_device, join_output, 
 
 
 class _UnitDiagonal(nn.Module):
-    """The diagonal of the Householder factors set to 1: PyTorch's Householder map reads column signs from it with an
-    integer cast, so weight decay (which still shrinks entries that get no gradient) would turn a 1 into 0.99 and then
-    0, zeroing a row of ``R``. With the diagonal fixed, these entries are unused; a sign flip of a row of ``R`` is
-    absorbed by ``W, b`` anyway."""
+    """The Householder factors in float32 (``householder_product`` has no bf16/fp16 kernels), their diagonal set to 1:
+    PyTorch's Householder map reads column signs from it with an integer cast, so weight decay (which still shrinks
+    entries that get no gradient) would turn a 1 into 0.99 and then 0, zeroing a row of ``R``. With the diagonal
+    fixed these entries are unused; a sign flip of a row of ``R`` is absorbed by ``W, b`` anyway."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
         return torch.diagonal_scatter(x, torch.ones(min(x.shape), dtype=x.dtype, device=x.device))
 
     def right_inverse(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,10 +105,11 @@ class LoReFTLayer(nn.Module):
             p.requires_grad_(False)
         dtype, device = float_dtype_device(base)
         self.r, self.first_positions, self.last_positions = r, first_positions, last_positions
-        self.rotate = nn.Linear(self.hidden_size, r, bias=False, device=device, dtype=dtype)  # R: (r, d)
-        nn.init.orthogonal_(self.rotate.weight)
+        self.rotate = nn.Linear(self.hidden_size, r, bias=False, device=device, dtype=torch.float32)  # R: (r, d)
+        nn.init.orthogonal_(self.rotate.weight)  # QR: float32 (no half-precision kernels), then the model's dtype
         parametrize.register_parametrization(self.rotate, "weight", _UnitDiagonal())
         orthogonal(self.rotate, orthogonal_map="householder", use_trivialization=False)
+        self.rotate.to(dtype)
         self.learned_source = nn.Linear(self.hidden_size, r, device=device, dtype=dtype)  # W: (r, d), b: (r,)
         self.edit_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.disabled = False
@@ -178,7 +181,7 @@ class LoReFTLayer(nn.Module):
     def edit(self, h: torch.Tensor) -> torch.Tensor:
         """``R^T (W h + b - R h)`` for hidden states ``h`` (..., d), in the adapter's dtype."""
         h = h.to(self.learned_source.weight.dtype)
-        rotation = self.rotate.weight  # (r, d), orthonormal rows
+        rotation = self.rotate.weight.to(h.dtype)  # (r, d), orthonormal rows (computed in float32)
         delta = self.learned_source(h) - h @ rotation.T  # (..., r)
         return self.edit_dropout(delta @ rotation)  # (..., d)
 

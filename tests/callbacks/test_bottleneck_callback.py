@@ -97,3 +97,12 @@ def test_arguments_come_from_the_config():
         BottleneckAdapter(r=4)
     with pytest.raises(ValueError, match="non_linearity='swish'"):
         ParallelAdapter(non_linearity="swish")
+
+
+def test_fit_in_bf16(tmp_path):
+    module = TinyLM("llama")
+    make_trainer(tmp_path, [ParallelAdapter(target_modules="all")], max_steps=2, precision="bf16-true").fit(module)
+    layers = [layer for _, layer in find_adapters(module)]
+    assert all(layer.adapter_up.weight.dtype == torch.bfloat16 for layer in layers)
+    assert all(layer.adapter_up.weight.abs().sum() > 0 for layer in layers)
+    assert len(module.losses) == 2 and all(torch.isfinite(torch.tensor(module.losses)))

@@ -69,3 +69,16 @@ def test_a_second_trainer_adopts_the_interventions(tmp_path):
     assert dict(find_adapters(module)) == before
     with pytest.raises(RuntimeError, match="first_positions=1 \\(wanted 2\\)"):
         make_trainer(tmp_path, [LoReFT(first_positions=2)], limit_val_batches=1).validate(module, verbose=False)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_fit_under_lightning_precision(tmp_path, precision):
+    module = TinyLM("llama")
+    make_trainer(tmp_path, [LoReFT(r=4)], max_steps=2, precision=precision).fit(module)
+    layer = module.model.model.layers[0]
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    assert layer.learned_source.weight.dtype == layer.rotate.parametrizations.weight.original.dtype == dtype
+    rotation = layer.rotate.weight  # computed in float32 from the stored factors
+    assert rotation.dtype == torch.float32
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(4), atol=1e-5, rtol=0)
+    assert len(module.losses) == 2 and all(torch.isfinite(torch.tensor(module.losses)))
