@@ -58,6 +58,7 @@ def _run(tmp_path, max_steps, ckpt_path=None, every=None, **kwargs):
     return module
 
 
+@pytest.mark.slow  # four short fits
 def test_checkpoint_holds_adapters_only_and_resume_equals_uninterrupted(tmp_path):
     straight = _run(tmp_path / "a", max_steps=6)
     first = _run(tmp_path / "b", max_steps=4, every=4)  # an epoch is 4 steps: the data resumes where it stopped

@@ -45,6 +45,7 @@ def test_fit_trains_the_interventions_keeps_r_orthonormal_and_saves(tmp_path):
     torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+@pytest.mark.slow  # four short fits
 def test_checkpoint_holds_interventions_only_and_resume_equals_uninterrupted(tmp_path):
     straight = _run(tmp_path / "a", max_steps=6)
     first = _run(tmp_path / "b", max_steps=4, every=4)  # an epoch is 4 steps: the data resumes where it stopped
