@@ -15,9 +15,12 @@ from lightning_zenft.adapters import (
     merge_adapters,
     unmerge_adapters,
 )
+from lightning_zenft.adapters.bottleneck import BottleneckAdapterLayer, ParallelAdapterLayer
 from lightning_zenft.adapters.ia3 import IA3Linear
+from lightning_zenft.adapters.reft import LoReFTLayer
 from lightning_zenft.callbacks._adapter import AdapterCallback, trainable_parameters
 from lightning_zenft.callbacks.bitfit import BitFit
+from lightning_zenft.callbacks.bottleneck import BottleneckAdapter, ParallelAdapter
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.callbacks.forgetting_monitor import ForgettingMonitor
 from lightning_zenft.callbacks.ia3 import IA3
@@ -26,11 +29,15 @@ from lightning_zenft.callbacks.lora import DoRA, LoRA
 from lightning_zenft.callbacks.merge import MergeAdapters
 from lightning_zenft.callbacks.pareto_checkpoint import ParetoCheckpoint
 from lightning_zenft.callbacks.prompt import PrefixTuning, PromptTuning, PTuning
+from lightning_zenft.callbacks.reft import LoReFT
 from lightning_zenft.config import (
     AdapterConfig,
     BitFitConfig,
+    BottleneckConfig,
     IA3Config,
     LoRAConfig,
+    LoReFTConfig,
+    ParallelAdapterConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
     PTuningConfig,
@@ -126,4 +133,15 @@ __all__ = [
     "PTuning",
     "PTuningConfig",
     "SoftPrompt",
+]
+__all__ += [
+    "BottleneckAdapter",
+    "BottleneckAdapterLayer",
+    "BottleneckConfig",
+    "LoReFT",
+    "LoReFTConfig",
+    "LoReFTLayer",
+    "ParallelAdapter",
+    "ParallelAdapterConfig",
+    "ParallelAdapterLayer",
 ]

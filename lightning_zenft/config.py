@@ -883,3 +883,168 @@ class PTuningConfig(_PromptConfig):
 
 
 __all__ += ["PTuningConfig", "PrefixTuningConfig", "PromptTuningConfig"]
+
+
+# ---------------------------------------------------------------------------------------------------- adapters
+NonLinearity = Literal["relu", "gelu", "silu", "tanh"]
+NON_LINEARITIES = ("relu", "gelu", "silu", "tanh")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_count(value: object, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _module_kind_problems(config: AdapterConfig, what: str) -> list[str]:
+    """Options that make no sense for a method whose modules wrap whole sublayers or blocks, not linear layers."""
+    problems = []
+    if config.target_modules == "all-linear":
+        problems.append(f"target_modules='all-linear' selects linear layers; {what}")
+    if config.bias == "lora_only":
+        problems.append(f"bias='lora_only' trains the biases of adapted linear layers, and {what}: use 'none' or 'all'")
+    return problems
+
+
+@dataclass(kw_only=True)
+class _BottleneckFields(AdapterConfig):
+    """What serial (:class:`BottleneckConfig`) and parallel (:class:`ParallelAdapterConfig`) adapters share."""
+
+    reduction_factor: float | None = None
+    """Bottleneck size = the module's output width / ``reduction_factor`` (it must divide it); None: 16, unless
+    ``bottleneck_size`` is given."""
+    bottleneck_size: int | None = None
+    """The bottleneck size itself, for every adapted module (instead of ``reduction_factor``)."""
+    non_linearity: NonLinearity = "gelu"
+    """The bottleneck's non-linearity."""
+    dropout: float = 0.0
+    """Dropout on the bottleneck's activations (after the non-linearity)."""
+
+    def method_problems(self) -> list[str]:
+        name = type(self).__name__.removesuffix("Config")
+        problems = _module_kind_problems(
+            self, f"{name} adapts whole attention and mlp modules: use 'all', 'attention', 'mlp', names or a regex"
+        )
+        if self.reduction_factor is not None and (not _is_number(self.reduction_factor) or self.reduction_factor <= 0):
+            problems.append(f"reduction_factor={self.reduction_factor!r} must be a positive number")
+        if self.bottleneck_size is not None and not _is_count(self.bottleneck_size, 1):
+            problems.append(f"bottleneck_size={self.bottleneck_size!r} must be a positive integer")
+        if self.reduction_factor is not None and self.bottleneck_size is not None:
+            problems.append(
+                f"reduction_factor={self.reduction_factor!r} and bottleneck_size={self.bottleneck_size!r} both set "
+                "the bottleneck size; give one"
+            )
+        if self.non_linearity not in NON_LINEARITIES:
+            problems.append(f"non_linearity={self.non_linearity!r} must be one of {NON_LINEARITIES}")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
+        return problems
+
+    def layer_kwargs(self, name: str, *, initialize: bool = True) -> dict[str, Any]:
+        return {  # reduction_factor=None with no bottleneck_size: the module's default, 16
+            "reduction_factor": None if self.reduction_factor is None else float(self.reduction_factor),
+            "bottleneck_size": self.bottleneck_size,
+            "non_linearity": self.non_linearity,
+            "dropout": float(self.dropout),
+        }
+
+
+@dataclass(kw_only=True)
+class BottleneckConfig(_BottleneckFields):
+    """Serial bottleneck adapters (Houlsby et al. 2019): ``h + up(act(down(h)))`` on the output ``h`` of each
+    attention and feed-forward module, before the residual add.
+
+    Example::
+
+        cfg = BottleneckConfig(reduction_factor=8, target_modules="mlp", non_linearity="relu")
+    """
+
+    target_modules: TargetSpec = "all"
+    """Which modules get an adapter: ``"all"`` (attention and feed-forward), ``"attention"``, ``"mlp"``, names or
+    suffixes (``["layers.0.mlp"]``) or a regex over full names."""
+
+    method: ClassVar[str] = "bottleneck"
+    identity_keys: ClassVar[tuple[str, ...]] = ("reduction_factor", "bottleneck_size", "non_linearity")
+
+
+@dataclass(kw_only=True)
+class ParallelAdapterConfig(_BottleneckFields):
+    """Parallel adapters (He et al. 2022): ``f(x) + s * up(act(down(x)))`` beside each target module ``f``, reading
+    its input ``x``. On the feed-forward modules by default; usable as a part of a composite method (MAM).
+
+    Example::
+
+        cfg = ParallelAdapterConfig(bottleneck_size=64, scaling=4.0)          # every FFN
+    """
+
+    target_modules: TargetSpec = "mlp"
+    """Which modules get an adapter beside them: ``"mlp"`` (feed-forward), ``"attention"``, ``"all"``, names or
+    suffixes, or a regex over full names."""
+    non_linearity: NonLinearity = "relu"
+    """The bottleneck's non-linearity (ReLU, as He et al.)."""
+    scaling: float = 4.0
+    """The scale ``s`` of the adapter's output."""
+
+    method: ClassVar[str] = "parallel_adapter"
+    identity_keys: ClassVar[tuple[str, ...]] = ("reduction_factor", "bottleneck_size", "non_linearity", "scaling")
+
+    def method_problems(self) -> list[str]:
+        problems = super().method_problems()
+        if not _is_number(self.scaling) or self.scaling <= 0:
+            problems.append(f"scaling={self.scaling!r} must be a positive number")
+        return problems
+
+    def layer_kwargs(self, name: str, *, initialize: bool = True) -> dict[str, Any]:
+        return {**super().layer_kwargs(name, initialize=initialize), "scaling": float(self.scaling)}
+
+
+@dataclass(kw_only=True)
+class LoReFTConfig(AdapterConfig):
+    """LoReFT (Wu et al. 2024): ``h + R^T (W h + b - R h)`` on the hidden states that chosen transformer blocks
+    output, at the first ``first_positions`` and last ``last_positions`` real tokens of each sequence.
+
+    Example::
+
+        cfg = LoReFTConfig(r=4, first_positions=2, last_positions=2, target_modules=["layers.0", "layers.2"])
+    """
+
+    target_modules: TargetSpec = "all"
+    """Which transformer blocks get an intervention on their output: ``"all"``, names or suffixes (``["layers.3"]``)
+    or a regex over full names."""
+    r: int = 4
+    """Rank of the intervention: the number of orthonormal rows of ``R`` (at most the hidden size)."""
+    first_positions: int = 1
+    """Intervene on the first this many real tokens of each sequence (the attention mask says which are real)."""
+    last_positions: int = 1
+    """Intervene on the last this many real tokens of each sequence."""
+    dropout: float = 0.0
+    """Dropout on the edit ``R^T (W h + b - R h)``."""
+
+    method: ClassVar[str] = "loreft"
+    identity_keys: ClassVar[tuple[str, ...]] = ("r", "first_positions", "last_positions")
+
+    def method_problems(self) -> list[str]:
+        problems = _module_kind_problems(self, "LoReFT intervenes on block outputs: use 'all', names or a regex")
+        if not _is_count(self.r, 1):
+            problems.append(f"r={self.r!r} must be a positive integer")
+        for name in ("first_positions", "last_positions"):
+            if not _is_count(getattr(self, name), 0):
+                problems.append(f"{name}={getattr(self, name)!r} must be a non-negative integer")
+        if self.first_positions == 0 and self.last_positions == 0:
+            problems.append("first_positions=0 and last_positions=0 intervene nowhere; set at least one")
+        if not _is_number(self.dropout) or not 0 <= self.dropout < 1:
+            problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
+        return problems
+
+    def layer_kwargs(self, name: str, *, initialize: bool = True) -> dict[str, Any]:
+        return {
+            "r": self.r,
+            "first_positions": self.first_positions,
+            "last_positions": self.last_positions,
+            "dropout": float(self.dropout),
+        }
+
+
+__all__ += ["NON_LINEARITIES", "BottleneckConfig", "LoReFTConfig", "NonLinearity", "ParallelAdapterConfig"]

@@ -259,7 +259,12 @@ def apply_plan(model: nn.Module, plan: AdapterPlan) -> None:
 
 def build_plan(model: nn.Module, plan: AdapterPlan) -> None:
     """Build and swap in every module of ``plan``; a ``"model"``-kind module is built from the model it is added to
-    (the parent of its plan name: the model it adapts, see :func:`lightning_zenft.targets.model_root`)."""
+    (the parent of its plan name: the model it adapts, see :func:`lightning_zenft.targets.model_root`).
+
+    A module that needs something outside itself (LoReFT reads the attention mask the model was called with) has
+    ``install(model)``, called once it is in place, and ``remove()``, called before it is taken out
+    (:func:`unload_adapters`).
+    """
     for layer in plan.layers:
         method = layer.method or plan.method
         where = layer.at or layer.name
@@ -267,7 +272,11 @@ def build_plan(model: nn.Module, plan: AdapterPlan) -> None:
             target = model.get_submodule(where.rpartition(".")[0])
         else:
             target = model.get_submodule(where)
-        _replace(model, where, method.build(target, **layer.kwargs))
+        module = method.build(target, **layer.kwargs)
+        _replace(model, where, module)
+        install = getattr(module, "install", None)
+        if callable(install):
+            install(model)
 
 
 def set_trainable_names(model: nn.Module, names: list[str]) -> None:
@@ -340,12 +349,12 @@ def unload_adapters(model: nn.Module, merge: bool = True) -> list[str]:
     for name, layer in sorted(layers, key=lambda item: -item[0].count(".")):  # nested adapters: innermost first
         if not merge and isinstance(layer, Mergeable) and layer.merged:
             layer.unmerge()
+        remove = getattr(layer, "remove", None)
+        if callable(remove):  # undo what the module installed (hooks on the model)
+            remove()
         if isinstance(layer, Wrapping):
             _replace(model, name, layer.base_layer)
-        else:  # a module beside the model (e.g. prompt tuning's): undo what it installed, then drop it
-            remove = getattr(layer, "remove", None)
-            if callable(remove):
-                remove()
+        else:  # a module beside the model (e.g. prompt tuning's): drop it
             parent_name, _, child = name.rpartition(".")
             delattr(model.get_submodule(parent_name) if parent_name else model, child)
         restored.append(name)

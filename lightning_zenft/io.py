@@ -45,7 +45,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_zenft.adapters import adapter_parameter_names, find_adapters
+from lightning_zenft.adapters import Wrapping, adapter_parameter_names, find_adapters
+from lightning_zenft.adapters._base import is_conv1d
 from lightning_zenft.config import AdapterConfig
 from lightning_zenft.inject import (
     AdapterPlan,
@@ -128,8 +129,7 @@ def save_adapter(
         config = {
             "format": OWN_FORMAT,
             "method": single.name if single else sorted(named),
-            # the build arguments (settings()), so load_adapter rebuilds each module as it was
-            "layers": {n: {"method": methods[n].name, "settings": layer.settings()} for n, layer in layers},
+            "layers": {n: {"method": methods[n].name, "settings": settings[n]} for n, _ in layers},
             "trained_parameters": sorted(extra),
             **common,
         }
@@ -152,7 +152,9 @@ def save_adapter(
                 "layers_to_transform": None,
                 "layers_pattern": None,
             }
-        config |= single.config_cls.peft_config(settings)
+        # PEFT records the layout of GPT-2's Conv1D weights (fan_in_fan_out) per file
+        layouts = {n: isinstance(layer, Wrapping) and is_conv1d(layer.base_layer) for n, layer in layers}
+        config |= single.config_cls.peft_config({n: {**s, "fan_in_fan_out": layouts[n]} for n, s in settings.items()})
         for key in absent:
             config.pop(key, None)
     out = Path(save_directory)

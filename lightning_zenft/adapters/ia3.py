@@ -101,7 +101,7 @@ class IA3Linear(nn.Module):
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """The tensors of the adapter file (PEFT's name ``ia3_l``, PEFT's shape) and the settings recorded for it."""
-        settings = {**self.settings(), "fan_in_fan_out": is_conv1d(self.base_layer)}
+        settings = self.settings()
         return {"ia3_l": self.ia3_l.detach()}, settings
 
     def scale(self) -> torch.Tensor:

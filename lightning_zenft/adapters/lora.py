@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_zenft.adapters._base import add_to_weight, dense_weight, is_conv1d, linear_features
+from lightning_zenft.adapters._base import add_to_weight, dense_weight, linear_features
 
 LoRAInit = Literal["kaiming", "gaussian", "pissa"]
 
@@ -139,7 +139,9 @@ class LoRALinear(nn.Module):
             b = torch.cat([b, -self.pissa_B0], dim=1)  # (out, 2r)
             r = 2 * self.r
             alpha = self.scaling * (math.sqrt(r) if self.use_rslora else r)
-        settings = {**self.settings(), "r": r, "alpha": alpha, "fan_in_fan_out": is_conv1d(self.base_layer)}
+        # the arguments that rebuild this update on the original base: PiSSA's base rewrite is already in the factors
+        init = "kaiming" if self.init == "pissa" else self.init
+        settings = {**self.settings(), "r": r, "alpha": alpha, "init": init}
         return {"lora_A.weight": a, "lora_B.weight": b}, settings
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
