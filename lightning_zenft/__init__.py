@@ -26,6 +26,7 @@ from lightning_zenft.callbacks.forgetting_monitor import ForgettingMonitor
 from lightning_zenft.callbacks.ia3 import IA3
 from lightning_zenft.callbacks.kernels import FusedKernels
 from lightning_zenft.callbacks.lora import DoRA, LoRA
+from lightning_zenft.callbacks.mam import MAM
 from lightning_zenft.callbacks.merge import MergeAdapters
 from lightning_zenft.callbacks.pareto_checkpoint import ParetoCheckpoint
 from lightning_zenft.callbacks.prompt import PrefixTuning, PromptTuning, PTuning
@@ -37,6 +38,7 @@ from lightning_zenft.config import (
     IA3Config,
     LoRAConfig,
     LoReFTConfig,
+    MAMConfig,
     ParallelAdapterConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
@@ -86,6 +88,8 @@ __all__ = [
     "DoRALinear",
     "FusedKernels",
     "LoRA",
+    "MAM",
+    "MAMConfig",
     "LoRAConfig",
     "LoRALinear",
     "LowRankUpdate",

@@ -33,6 +33,7 @@ from lightning_zenft.config import (
     IA3Config,
     LoRAConfig,
     LoReFTConfig,
+    MAMConfig,
     ParallelAdapterConfig,
     PrefixTuningConfig,
     PromptTuningConfig,
@@ -135,7 +136,10 @@ def _lora_layer(
 
 
 def _no_module(model: nn.Module, **kwargs: Any) -> nn.Module:
-    raise TypeError("BitFit builds no module: it only chooses which of the model's own parameters train.")
+    raise TypeError(
+        "this method builds no module of its own: BitFit only chooses which of the model's own parameters train, and "
+        "a composite method (MAM) is built by its parts' methods."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- the methods
@@ -149,3 +153,4 @@ register(Method("p_tuning", PTuningConfig, PromptEncoder, "model", (PromptEncode
 register(Method("bottleneck", BottleneckConfig, BottleneckAdapterLayer, _SUBLAYERS, (BottleneckAdapterLayer,)))
 register(Method("parallel_adapter", ParallelAdapterConfig, ParallelAdapterLayer, _SUBLAYERS, (ParallelAdapterLayer,)))
 register(Method("loreft", LoReFTConfig, LoReFTLayer, "block", (LoReFTLayer,)))
+register(Method("mam", MAMConfig, _no_module, "model", ()))  # composite: its parts' methods build its modules

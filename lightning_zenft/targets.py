@@ -42,7 +42,7 @@ from torch import nn
 
 from lightning_zenft.adapters import AdapterModule, Wrapping
 from lightning_zenft.adapters._base import is_adaptable_linear
-from lightning_zenft.config import PRESETS
+from lightning_zenft.config.base import PRESETS
 
 _ATTENTION_HINTS = ("attn", "attention")
 _MLP_SEGMENTS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "output", "block_sparse_moe", "experts")
