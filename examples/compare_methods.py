@@ -120,8 +120,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"| {r['method']} | `{r['callback']}` | {r['learning_rate']:g} | {r['trainable']:,} "
-            f"| {r['share_pct']:.2f}% | {r['peak_extra_mib']:.0f} MiB | {r['tokens_per_s']:,.0f} | {r['task_val_loss']:.3f} "
-            f"| {r['general_loss_change']:+.3f} |"
+            f"| {r['share_pct']:.2f}% | {r['peak_extra_mib']:.0f} MiB | {r['tokens_per_s']:,.0f} "
+            f"| {r['task_val_loss']:.3f} | {r['general_loss_change']:+.3f} |"
         )
     return "\n".join(lines)
 
