@@ -28,6 +28,7 @@ from lightning_zenft.planning import (
     recommend,
     resolve_lora_rank_auto,
 )
+from lightning_zenft.precision import NF4Precision
 
 __version__ = "0.1.0"
 
@@ -47,6 +48,7 @@ __all__ = [
     "LowRankUpdate",
     "Mergeable",
     "MemoryEstimate",
+    "NF4Precision",
     "Recommendation",
     "count_parameters",
     "disable_adapters",

@@ -35,8 +35,11 @@ class LoRAConfig:
     """Scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (learned per-output magnitude)."""
-    init: Literal["kaiming", "gaussian", "pissa"] = "kaiming"
-    """Initialization of A and B (PiSSA rewrites the base weight to its SVD residual)."""
+    init: Literal["kaiming", "gaussian", "pissa", "loftq"] = "kaiming"
+    """Initialization of A and B (PiSSA rewrites the base weight to its SVD residual; LoftQ, with NF4Precision, sets
+    A, B and the 4-bit base so that ``Q + s B A`` is close to ``W``)."""
+    loftq_iters: int = 1
+    """LoftQ's alternations of quantization and SVD (``init="loftq"`` only)."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-layer rank overrides: a key matches a layer whose full name ends with it (regex, dot-aligned)."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -63,8 +66,12 @@ class LoRAConfig:
             problems.append(f"target_modules={self.target_modules!r} must be a preset, a regex or a list of names")
         if isinstance(self.exclude_modules, str) and self.exclude_modules in PRESETS:
             problems.append(f"exclude_modules={self.exclude_modules!r}: presets cannot be excluded; list the names")
-        if self.init not in ("kaiming", "gaussian", "pissa"):
-            problems.append(f"init={self.init!r} must be 'kaiming', 'gaussian' or 'pissa'")
+        if self.init not in ("kaiming", "gaussian", "pissa", "loftq"):
+            problems.append(f"init={self.init!r} must be 'kaiming', 'gaussian', 'pissa' or 'loftq'")
+        if self.init == "loftq" and self.use_dora:
+            problems.append("init='loftq' is for LoRA (DoRA's magnitude rescales rows); use LoRA or another init")
+        if not isinstance(self.loftq_iters, int) or isinstance(self.loftq_iters, bool) or self.loftq_iters < 1:
+            problems.append(f"loftq_iters={self.loftq_iters!r} must be a positive integer")
         if self.bias not in ("none", "all", "lora_only"):
             problems.append(f"bias={self.bias!r} must be 'none', 'all' or 'lora_only'")
         for key, value in self.rank_pattern.items():

@@ -130,7 +130,13 @@ class CausalLMModule(L.LightningModule):
             )
         kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
         self._model_dir = source
-        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        from lightning_zenft.precision.loader import active_quantized_loading
+
+        quantized = active_quantized_loading()  # inside NF4Precision().module_init_context(): 4-bit, tensor by tensor
+        if quantized is not None:
+            loaded = quantized.load_pretrained(source, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         return loaded.train()  # from_pretrained returns eval mode; the Trainer keeps submodules' modes as found
 
     @property
@@ -142,6 +148,12 @@ class CausalLMModule(L.LightningModule):
             True
         """
         return self._model_dir
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from lightning_zenft.precision.resume import check_resume_precision
+
+        check_resume_precision(self.trainer, checkpoint)  # a 4-bit run's adapters need the 4-bit base
 
     @override
     def forward(self, **batch: torch.Tensor) -> Any:

@@ -38,6 +38,10 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     dequantize = getattr(module, "dequantize_weight", None)
     if callable(dequantize):
         weight = dequantize()
+    elif type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None:
+        from bitsandbytes.functional import dequantize_4bit  # a bitsandbytes Linear4bit: bitsandbytes is installed
+
+        weight = dequantize_4bit(weight.data, weight.quant_state)  # (out, in) in the layer's compute dtype
     return weight.t() if is_conv1d(module) else weight
 
 

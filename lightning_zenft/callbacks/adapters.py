@@ -50,13 +50,14 @@ class LoRA(Callback):
         target_modules: a preset (``"all-linear"``, ``"attention"``, ``"mlp"``), a list of names/suffixes or a regex.
         exclude_modules: layers to skip (names/suffixes or a regex).
         use_rslora: scale by ``alpha / sqrt(r)``.
-        init: ``"kaiming"``, ``"gaussian"`` or ``"pissa"``.
+        init: ``"kaiming"``, ``"gaussian"``, ``"pissa"``, or ``"loftq"`` (with ``NF4Precision``: LoftQ at setup).
         rank_pattern: per-layer ranks, ``{name_suffix_regex: r}``.
         alpha_pattern: per-layer alphas.
         bias: which biases train: ``"none"``, ``"all"``, ``"lora_only"``.
         trainable_norms: also train normalization layers.
         modules_to_save: modules trained in full (e.g. a new classification head).
         save_full_state_dict: keep the frozen base in Lightning checkpoints too.
+        loftq_iters: LoftQ's number of alternations of quantization and SVD (``init="loftq"``).
 
     Example::
 
@@ -75,13 +76,14 @@ class LoRA(Callback):
         target_modules: TargetSpec = "all-linear",
         exclude_modules: TargetSpec | None = None,
         use_rslora: bool = False,
-        init: Literal["kaiming", "gaussian", "pissa"] = "kaiming",
+        init: Literal["kaiming", "gaussian", "pissa", "loftq"] = "kaiming",
         rank_pattern: dict[str, int] | None = None,
         alpha_pattern: dict[str, float] | None = None,
         bias: Literal["none", "all", "lora_only"] = "none",
         trainable_norms: bool = False,
         modules_to_save: list[str] | None = None,
         save_full_state_dict: bool = False,
+        loftq_iters: int = 1,
     ) -> None:
         self.auto_rank = r == "auto"
         if isinstance(r, str) and not self.auto_rank:
@@ -96,6 +98,7 @@ class LoRA(Callback):
             use_rslora=use_rslora,
             use_dora=self.use_dora,
             init=init,
+            loftq_iters=loftq_iters,
             rank_pattern=dict(rank_pattern or {}),
             alpha_pattern=dict(alpha_pattern or {}),
             bias=bias,
@@ -161,6 +164,11 @@ class LoRA(Callback):
         if self.auto_rank:
             self._resolve_auto_rank(trainer, pl_module)
         self.targets = inject_adapters(pl_module, self.config)
+        if self.config.init == "loftq":
+            from lightning_zenft.precision.loftq import apply_loftq
+
+            device = trainer.strategy.root_device
+            apply_loftq(pl_module, trainer.precision_plugin, self.config.loftq_iters, device=device)
         self._record(pl_module)
         rank_zero_info(
             f"{type(self).__name__}: {len(self.targets)} layers adapted; trainable params: {self.trainable_params:,} "
