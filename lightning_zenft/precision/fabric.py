@@ -101,7 +101,7 @@ class FabricNF4Precision(Precision):
             )
         plan = plan_quantization(module, self.modules, self.skip_modules)
         for name in plan.quantized:
-            self._check_spec(name, module.get_submodule(name))
+            self._adopt(module, name)
         device = device or self.device
         for name in plan.targets:
             linear = module.get_submodule(name)
@@ -133,20 +133,26 @@ class FabricNF4Precision(Precision):
         self.checksums = base_checksums(module)
         return module
 
-    def _check_spec(self, name: str, layer: nn.Module) -> None:
+    def _adopt(self, module: nn.Module, name: str) -> None:
+        """Keep a layer that is 4-bit already if it has the plugin's settings (as a FrozenLinear4bit)."""
+        layer = module.get_submodule(name)
         if type(layer).__name__ == "ShardedLinear4bit":
             return
-        have = spec_of(layer)
-        want = self.spec
+        have, want = spec_of(layer), self.spec
         if (have.quant_type, have.double_quant, have.blocksize) != (want.quant_type, want.double_quant, want.blocksize):
             raise ValueError(
                 f"layer {name!r} is 4-bit already as {have.mode} with blocksize {have.blocksize}, but the plugin "
                 f"quantizes as {want.mode} with blocksize {want.blocksize}. Load or quantize the model with the "
                 "plugin's own settings (or give the plugin the model's)."
             )
-        if layer.compute_dtype != want.compute_dtype:
+        layer.weight.quant_state.dtype = want.compute_dtype
+        if type(layer).__name__ != "FrozenLinear4bit":  # e.g. loaded by transformers' BitsAndBytesConfig
+            shell = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
+            shell.bias = layer.bias
+            shell.train(layer.training)
+            _replace(module, name, to_linear4bit(shell, want, weight=layer.weight))
+        else:
             layer.compute_dtype = want.compute_dtype
-            layer.weight.quant_state.dtype = want.compute_dtype
 
     # ------------------------------------------------------------------ low-memory loading
     @override

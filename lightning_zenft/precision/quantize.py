@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,10 +107,10 @@ class QuantSpec:
             raise ValueError(f"mode={mode!r} is not one of {MODES}{hint}.")
         quant_type, _, dq = mode.partition("-")
         mode_dq = dq == "dq"
-        if double_quant is not None and double_quant != mode_dq:
+        if double_quant is False and mode_dq:
             raise ValueError(
-                f"mode={mode!r} and double_quant={double_quant} disagree; use mode='{quant_type}-dq' (or "
-                f"double_quant=True with mode='{quant_type}') for double quantization, mode='{quant_type}' without."
+                f"mode={mode!r} and double_quant=False disagree; use mode='{quant_type}' for no double "
+                f"quantization, mode='{quant_type}-dq' (or double_quant=True) for it."
             )
         return cls(quant_type, mode_dq or bool(double_quant), int(blocksize), resolve_dtype(compute_dtype))
 
@@ -150,10 +151,32 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> nn.Parameter:
     )
 
 
+def _scales(state: Any) -> torch.Tensor:
+    """The float32 block scales of a quant state, undoing double quantization."""
+    if not state.nested:
+        return state.absmax.float()
+    outer = state.state2.absmax.float().repeat_interleave(state.state2.blocksize)[: state.absmax.numel()]
+    return state.state2.code.float()[state.absmax.long()] * outer + float(state.offset)  # (blocks,)
+
+
+def dequantize_reference(packed: torch.Tensor, state: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``c[q_j] * a_{j // blocksize}`` in plain PyTorch, for any shape and code table.
+
+    bitsandbytes 0.50's CPU kernel gets some row widths wrong (16, 32, 48, 96 with blocksize 64, where blocks and rows
+    do not line up); this is what CPU runs use.
+    """
+    numel = math.prod(state.shape)
+    codes = packed.reshape(-1).view(torch.uint8)
+    idx = torch.stack([codes >> 4, codes & 15], dim=-1).reshape(-1)[:numel].long()  # (numel,)
+    scale = _scales(state).repeat_interleave(state.blocksize)[:numel]  # (numel,)
+    return (state.code.float()[idx] * scale).to(dtype or state.dtype).view(tuple(state.shape))  # (out, in)
+
+
 def dequantize(param: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The dense ``(out, in)`` weight of a ``Params4bit``, in ``dtype`` (default: its compute dtype).
 
-    ``dtype=torch.float32`` gives the exact values ``c[q] * a`` (the compute dtype may round them).
+    ``dtype=torch.float32`` gives the exact values ``c[q] * a`` (the compute dtype may round them). On CUDA this is
+    bitsandbytes' kernel, elsewhere :func:`dequantize_reference`.
     """
     bnb = import_bitsandbytes()
     if not is_params4bit(param):
@@ -164,10 +187,39 @@ def dequantize(param: torch.Tensor, dtype: torch.dtype | None = None) -> torch.T
             "this Params4bit was repacked by bitsandbytes' CPU inference path; layers made by lightning_zenft "
             "turn that off (support_avx512bf16_for_cpu=False). Save and reload the layer to undo the repacking."
         )
+    if param.device.type == "cpu":
+        return dequantize_reference(param.data, state, dtype)
     if dtype is not None and dtype != state.dtype:
         state = copy.copy(state)
         state.dtype = dtype
     return bnb.functional.dequantize_4bit(param.data, state)  # (out, in)
+
+
+class Linear4bitFunction(torch.autograd.Function):
+    """``x W^T`` for a frozen 4-bit ``W``: the dense weight is rebuilt in forward and again in backward, never kept.
+
+    ``dense`` is called with the dtype to dequantize into; under FSDP2 the 4-bit storage it reads is gathered again
+    before this layer's backward runs.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, dense: Any) -> torch.Tensor:
+        ctx.dense = dense
+        return x @ dense(x.dtype).t()  # (..., out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.dense(grad.dtype), None  # (..., in)
+
+
+def linear_4bit(x: torch.Tensor, dense: Any, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> torch.Tensor:
+    """``x W^T + b`` computed in ``compute_dtype`` (``dense(dtype)`` gives ``W``), returned in ``x``'s dtype."""
+    out = Linear4bitFunction.apply(x.to(compute_dtype), dense)  # (..., out)
+    if bias is not None:
+        out = out + bias.to(compute_dtype)
+    return out.to(x.dtype)
 
 
 def spec_of(layer: nn.Module) -> QuantSpec:
@@ -187,26 +239,18 @@ def to_linear4bit(linear: nn.Module, spec: QuantSpec, weight: nn.Parameter | Non
         linear: an ``nn.Linear`` (its bias Parameter is kept as it is, trainable or not).
         spec: the quantization.
         weight: an already quantized ``Params4bit`` to hold instead of quantizing ``linear.weight`` (LoftQ's base).
+
+    Returns:
+        a :class:`~lightning_zenft.precision.linear4bit.FrozenLinear4bit` (a bitsandbytes ``Linear4bit``).
     """
-    bnb = import_bitsandbytes()
+    from lightning_zenft.precision.linear4bit import FrozenLinear4bit
+
     if weight is None:
         weight = quantize_weight(linear.weight, spec)
-    layer = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=False,
-        compute_dtype=spec.compute_dtype,
-        compress_statistics=spec.double_quant,
-        quant_type=spec.quant_type,
-        quant_storage=torch.uint8,
-        device="meta",
-    )
+    layer = FrozenLinear4bit(linear.in_features, linear.out_features, spec)
     weight.module = layer
     layer.weight = weight
     layer.quant_state = weight.quant_state
     layer.bias = linear.bias
-    # In CPU inference bitsandbytes repacks the weight in place into another layout; keep the standard one, which
-    # checkpoints, the fused kernels and the checks here read.
-    layer.support_avx512bf16_for_cpu = False
     layer.train(linear.training)
     return layer

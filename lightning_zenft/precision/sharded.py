@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from lightning_zenft.precision._bnb import import_bitsandbytes
+from lightning_zenft.precision.quantize import dequantize_reference
 
 aten = torch.ops.aten
 
@@ -149,8 +150,10 @@ class Packed4bitTensor(torch.Tensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ``(out, in)`` weight in ``dtype`` (default: this tensor's dtype)."""
-        bnb = import_bitsandbytes()
-        return bnb.functional.dequantize_4bit(self.packed.reshape(-1, 1), self.quant_state(dtype))  # (out, in)
+        state = self.quant_state(dtype)
+        if self.packed.device.type == "cpu":
+            return dequantize_reference(self.packed, state)  # (out, in)
+        return import_bitsandbytes().functional.dequantize_4bit(self.packed.reshape(-1, 1), state)  # (out, in)
 
     def to_params4bit(self) -> torch.nn.Parameter:
         """The same storage as a bitsandbytes ``Params4bit`` (full tensors only)."""

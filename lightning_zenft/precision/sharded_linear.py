@@ -3,7 +3,7 @@
 :class:`ShardedLinear4bit` holds a :class:`~lightning_zenft.precision.sharded.Packed4bitTensor` weight (frozen) and
 an optional bias. Its forward dequantizes the gathered weight into the compute dtype, multiplies, and frees it; its
 backward dequantizes again for the input gradient (the weight never has one). It offers ``dequantize_weight()`` (the
-dense weight, for DoRA and merging) and ``nf4_weight()`` (the fused kernels' NF4 view), and converts back to a
+dense weight, for DoRA and merging) and ``nf4_weight()`` (what the fused kernels read), and converts back to a
 bitsandbytes ``Linear4bit`` with :meth:`ShardedLinear4bit.to_linear4bit`.
 
 Example::
@@ -21,22 +21,8 @@ import torch
 from torch import nn
 
 from lightning_zenft.precision._bnb import import_bitsandbytes
+from lightning_zenft.precision.quantize import linear_4bit
 from lightning_zenft.precision.sharded import Packed4bitTensor
-
-
-class _Linear4bitFunction(torch.autograd.Function):
-    """``x W^T`` for a frozen 4-bit ``W``: the dense weight is rebuilt in forward and in backward, never kept."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: Packed4bitTensor) -> torch.Tensor:
-        ctx.weight = weight  # under FSDP2 its storage is gathered again before this layer's backward runs
-        return x @ weight.dequantize(x.dtype).t()  # (..., out)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return grad @ ctx.weight.dequantize(grad.dtype), None  # (..., in)
 
 
 class ShardedLinear4bit(nn.Module):
@@ -70,11 +56,7 @@ class ShardedLinear4bit(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        out = _Linear4bitFunction.apply(x.to(self.compute_dtype), self.weight)  # (..., out)
-        if self.bias is not None:
-            out = out + self.bias.to(self.compute_dtype)
-        return out.to(dtype)
+        return linear_4bit(x, self.weight.dequantize, self.bias, self.compute_dtype)
 
     def _full_weight(self) -> Packed4bitTensor:
         weight = self.weight
@@ -91,10 +73,12 @@ class ShardedLinear4bit(nn.Module):
         return self._full_weight().dequantize()
 
     def nf4_weight(self) -> Any:
-        """The weight as the fused kernels' ``NF4Weight`` (None for FP4, which they do not read)."""
+        """The weight as the fused kernels read it: an ``NF4Weight`` (NF4), or a dequantizer (FP4)."""
         weight = self._full_weight()
         if weight.replicated.quant_type != "nf4":
-            return None
+            from lightning_zenft.kernels.lora import CallableWeight
+
+            return CallableWeight(self.dequantize_weight, (self.out_features, self.in_features))
         from lightning_zenft.kernels.nf4 import NF4Weight
 
         state = weight.quant_state()
