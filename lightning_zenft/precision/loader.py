@@ -2,10 +2,13 @@
 
 ``load_pretrained_4bit(directory, spec)`` builds the ``transformers`` model from its config on the meta device (no
 storage), then reads the safetensors shards of a ``save_pretrained`` directory one tensor at a time, with plain file
-reads rather than a memory map (mapped pages of a shard would stay resident and count in the process's memory): each
+reads rather than a memory map (mapped pages of a shard would stay resident and count in the process's memory), and
+hands the memory of each tensor back to the operating system once it is quantized and placed: each
 linear weight to quantize is read, quantized on the target device and dropped; every other tensor is read, cast to
-the compute dtype and placed. Peak host memory is the 4-bit model plus the largest single tensor; the full-precision
-model never exists. Non-persistent buffers (rotary frequencies) are recomputed by the model's own initializer.
+the compute dtype and placed. A weight to quantize is streamed from the file in chunks of ``CHUNK`` values through one
+buffer, so peak host memory is the 4-bit model plus the largest tensor that stays unquantized (an embedding) and a
+few chunk-sized temporaries; the full-precision model never exists. Non-persistent buffers (rotary frequencies) are
+recomputed by the model's own initializer.
 
 Inside ``NF4Precision().module_init_context()`` (``fabric.init_module()`` in Fabric), ``CausalLMModule(model=dir)``
 takes this path by itself.
@@ -20,9 +23,12 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import re
 import struct
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -33,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_zenft.precision.quantize import QuantSpec, quantize_weight, to_linear4bit
+from lightning_zenft.precision.quantize import CHUNK, QuantSpec, quantize_chunks, to_linear4bit
 from lightning_zenft.precision.select import ModuleSpec, plan_quantization
 
 _ST_DTYPES = {
@@ -48,6 +54,20 @@ _ST_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+    return getattr(libc, "malloc_trim", None)
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps the space of freed tensors for reuse otherwise, and a load
+    that frees one full-precision tensor per layer leaves the process holding several times the model)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @contextmanager
@@ -91,6 +111,23 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         header = json.loads(f.read(size))
     header.pop("__metadata__", None)
     return header, 8 + size
+
+
+def read_chunks(path: Path, entry: dict[str, Any], data_start: int, chunk: int) -> Iterator[torch.Tensor]:
+    """One floating tensor of a safetensors file as flat chunks of ``chunk`` values, read through one reused buffer."""
+    dtype = _ST_DTYPES.get(entry["dtype"])
+    if dtype is None or not dtype.is_floating_point:
+        raise ValueError(f"{path}: a {entry['dtype']} tensor cannot be quantized.")
+    start, end = entry["data_offsets"]
+    size = torch.empty(0, dtype=dtype).element_size()
+    buffer = bytearray(min(end - start, chunk * size))
+    with open(path, "rb") as f:
+        f.seek(data_start + start)
+        for offset in range(start, end, len(buffer)):
+            view = memoryview(buffer)[: min(len(buffer), end - offset)]
+            if f.readinto(view) != len(view):
+                raise OSError(f"{path} is truncated: could not read {len(view)} bytes at offset {data_start + offset}.")
+            yield torch.frombuffer(view, dtype=torch.uint8).view(dtype)  # (<= chunk,)
 
 
 def read_tensor(path: Path, entry: dict[str, Any], data_start: int) -> torch.Tensor:
@@ -170,6 +207,7 @@ def load_pretrained_4bit(
     directory = Path(directory)
     device = torch.device(device) if device is not None else torch.get_default_device()
     dtype = dtype or spec.compute_dtype
+    files = safetensors_files(directory)
     config = AutoConfig.from_pretrained(directory)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -185,7 +223,7 @@ def load_pretrained_4bit(
     ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
     seen: set[str] = set()
     unexpected: list[str] = []
-    for path in safetensors_files(directory):
+    for path in files:
         header, data_start = read_header(path)
         for key, entry in header.items():
             layer_name, _, attr = key.rpartition(".")
@@ -193,17 +231,19 @@ def load_pretrained_4bit(
                 if not any(re.search(pattern, key) for pattern in ignore):
                     unexpected.append(key)
                 continue
-            tensor = read_tensor(path, entry, data_start)
             if layer_name in targets and attr == "weight":
-                shell = model.get_submodule(layer_name)
-                layer = to_linear4bit(shell, spec, weight=quantize_weight(tensor.to(device), spec))
+                chunks = (part.to(device) for part in read_chunks(path, entry, data_start, CHUNK))
+                weight = quantize_chunks(chunks, tuple(entry["shape"]), spec)
+                layer = to_linear4bit(model.get_submodule(layer_name), spec, weight=weight)
                 layer.source_weight = SourceWeight(path, key)
                 _replace(model, layer_name, layer)
             else:
+                tensor = read_tensor(path, entry, data_start)
                 target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
                 _set_tensor(model, key, tensor.to(device=device, dtype=target_dtype))
+                del tensor
             seen.add(key)
-            del tensor
+            release_freed_memory()
     if unexpected:
         raise ValueError(
             f"{directory}: {len(unexpected)} tensors match no parameter of {type(model).__name__} (e.g. "

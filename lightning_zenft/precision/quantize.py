@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -124,21 +125,39 @@ def is_params4bit(tensor: Any) -> bool:
     return type(tensor).__name__ == "Params4bit" and getattr(tensor, "quant_state", None) is not None
 
 
-def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> nn.Parameter:
-    """Quantize a dense ``(out, in)`` weight into a frozen bitsandbytes ``Params4bit`` on the weight's device."""
+CHUNK = 1 << 18
+"""Weights quantized per bitsandbytes call (a multiple of every block size): bounds the temporaries of a big layer."""
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec, chunk: int = CHUNK) -> nn.Parameter:
+    """Quantize a dense ``(out, in)`` weight into a frozen bitsandbytes ``Params4bit`` on the weight's device.
+
+    A weight of more than ``chunk`` values is quantized ``chunk`` values at a time (blocks never straddle chunks, and
+    double quantization runs once over all the scales), which gives exactly the codes and scales of one call with a
+    fraction of its temporary memory.
+    """
     bnb = import_bitsandbytes()
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(
             f"4-bit quantization takes a floating (out, in) weight; got {weight.dtype} {tuple(weight.shape)}."
         )
-    packed, state = bnb.functional.quantize_4bit(
-        weight.detach().contiguous(),
-        blocksize=spec.blocksize,
-        compress_statistics=spec.double_quant,
-        quant_type=spec.quant_type,
-        quant_storage=torch.uint8,
-    )
-    state.dtype = spec.compute_dtype  # dequantize straight into the compute dtype
+    if chunk % 4096 or chunk <= 0:
+        raise ValueError(f"chunk={chunk} must be a positive multiple of 4096 (the largest block size).")
+    weight = weight.detach().contiguous()
+    if weight.numel() <= chunk:
+        packed, state = bnb.functional.quantize_4bit(
+            weight,
+            blocksize=spec.blocksize,
+            compress_statistics=spec.double_quant,
+            quant_type=spec.quant_type,
+            quant_storage=torch.uint8,
+        )
+        state.dtype = spec.compute_dtype  # dequantize straight into the compute dtype
+        return _params4bit(bnb, packed, state, spec)
+    return quantize_chunks(weight.reshape(-1).split(chunk), weight.shape, spec)
+
+
+def _params4bit(bnb: Any, packed: torch.Tensor, state: Any, spec: QuantSpec) -> nn.Parameter:
     return bnb.nn.Params4bit(
         packed,
         requires_grad=False,
@@ -149,6 +168,42 @@ def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> nn.Parameter:
         quant_storage=torch.uint8,
         bnb_quantized=True,
     )
+
+
+def quantize_chunks(chunks: Iterable[torch.Tensor], shape: tuple[int, ...], spec: QuantSpec) -> nn.Parameter:
+    """Quantize a weight given as consecutive flat chunks (each a multiple of 4096 values but the last): what one
+    ``quantize_4bit`` call gives, holding one chunk at a time (the low-memory loader streams them from the file)."""
+    bnb = import_bitsandbytes()
+    numel = math.prod(shape)
+    packed = None
+    scales = []
+    code = None
+    start = 0
+    for part in chunks:
+        if start % 4096 or part.dim() != 1:
+            raise ValueError(f"chunks must be flat and start at multiples of 4096 values; one starts at {start}.")
+        if packed is None:
+            packed = torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8, device=part.device)
+        codes, state = bnb.functional.quantize_4bit(
+            part, blocksize=spec.blocksize, compress_statistics=False, quant_type=spec.quant_type
+        )
+        packed[start // 2 : start // 2 + codes.numel()] = codes.reshape(-1, 1)
+        scales.append(state.absmax)
+        code = state.code
+        start += part.numel()
+    if packed is None or start != numel:
+        raise ValueError(f"the chunks hold {start} values; a weight of shape {tuple(shape)} has {numel}.")
+    absmax = torch.cat(scales)  # (blocks,) float32
+    common = dict(shape=torch.Size(shape), dtype=spec.compute_dtype, blocksize=spec.blocksize, code=code)
+    if not spec.double_quant:
+        state = bnb.functional.QuantState(absmax=absmax, quant_type=spec.quant_type, **common)
+        return _params4bit(bnb, packed, state, spec)
+    offset = absmax.mean()  # bitsandbytes' double quantization: 8-bit codes of absmax - mean, blocks of 256
+    qabsmax, state2 = bnb.functional.quantize_blockwise(absmax - offset, blocksize=256)
+    state = bnb.functional.QuantState(
+        absmax=qabsmax, quant_type=spec.quant_type, offset=offset, state2=state2, **common
+    )
+    return _params4bit(bnb, packed, state, spec)
 
 
 def _scales(state: Any) -> torch.Tensor:
