@@ -160,7 +160,16 @@ def main() -> None:
     shard_bytes = sum(f.stat().st_size for f in directory.glob("*.safetensors"))
     results = []
     for mode in args.modes.split(","):
-        cmd = [sys.executable, os.path.abspath(__file__), "--child", mode, "--dir", str(directory), "--quant", args.quant]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            mode,
+            "--dir",
+            str(directory),
+            "--quant",
+            args.quant,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         if proc.returncode or not lines:
