@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,10 @@ def _job_module():
 def test_qlora_fsdp2_two_processes_equal_one_and_resume_from_adapter_only_checkpoints(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(JOB.parents[2]), os.environ.get("PYTHONPATH", "")])}
-    cmd = [torchrun, "--nproc_per_node=2", "--master_port=0", str(JOB), str(tmp_path / "fsdp")]
+    with socket.socket() as sock:  # a free port for the rendezvous (the machine may run other jobs)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [torchrun, "--nproc_per_node=2", f"--master_port={port}", str(JOB), str(tmp_path / "fsdp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / "fsdp" / f"rank{r}.json").read_text()) for r in (0, 1)]
