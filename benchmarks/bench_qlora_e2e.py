@@ -16,7 +16,11 @@ Targets (issue 9, 8B shape, 2 x 2048): ``ours`` peak memory <= 0.6x ``peft``'s; 
 ``peft``'s; ``ours`` tokens/s >= 90% of ``ceiling_liger``'s. The table prints each with met/MISSED.
 
     python benchmarks/bench_qlora_e2e.py --size 8b --batch 2 --seq 2048 --json qlora-8b.json
-    python benchmarks/bench_qlora_e2e.py --tiny          # CPU smoke test (numbers mean nothing)
+    python benchmarks/bench_qlora_e2e.py --modes ours,peft --checkpoint /tmp/llama8b --json a.json   # in two runs,
+    python benchmarks/bench_qlora_e2e.py --modes ceiling_liger --checkpoint /tmp/llama8b --json b.json  # then
+    python benchmarks/bench_qlora_e2e.py --verdicts a.json b.json
+    python benchmarks/bench_qlora_e2e.py --tiny          # CPU smoke test (numbers mean nothing; PEFT and the
+                                                         # ceiling then run on the dense base: their loader needs CUDA)
 """
 
 from __future__ import annotations
@@ -96,7 +100,9 @@ def child(mode: str, args: argparse.Namespace) -> None:
     if mode.startswith("ours"):
         result = run_ours(mode, args, device)
     else:
-        args.quant = "nf4"  # bench_lora_e2e's plain loop: BitsAndBytesConfig(nf4, double quant, bf16 compute)
+        # bench_lora_e2e's plain loop: BitsAndBytesConfig(nf4, double quant, bf16 compute) on cuda:0; the CPU smoke
+        # test runs it on the dense base
+        args.quant = "none" if args.tiny else "nf4"
         result = lora_e2e.run_plain(mode, args, device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
     tokens = args.batch * args.seq
@@ -136,8 +142,13 @@ def main() -> None:
     parser.add_argument("--json", help="also write every mode's result to this JSON file")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny model, 2 steps, no Liger")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", help="the saved bf16 model to load (default: a fresh random one, saved here)")
+    parser.add_argument("--verdicts", nargs="+", metavar="JSON", help="print the targets' verdicts over these results")
     args = parser.parse_args()
+    if args.verdicts:  # runs split over several invocations (each mode set within the 10-minute stage limit)
+        merged = {r["mode"]: r for path in args.verdicts for r in json.load(open(path))["results"] if "error" not in r}
+        print("\n".join(verdicts(merged)))
+        return
     args.profile, args.quant = 0, "nf4"
     if args.tiny:
         args.size, args.batch, args.seq, args.warmup, args.steps = "tiny", 2, 32, 1, 2
@@ -148,10 +159,10 @@ def main() -> None:
     if args.child:
         child(args.child, args)
         return
-    if args.checkpoint is None:
+    if args.checkpoint is None or not os.path.isfile(os.path.join(args.checkpoint, "config.json")):
         from transformers import AutoModelForCausalLM
 
-        args.checkpoint = tempfile.mkdtemp(prefix="zenft-qlora-bench-")
+        args.checkpoint = args.checkpoint or tempfile.mkdtemp(prefix="zenft-qlora-bench-")
         torch.manual_seed(0)
         with torch.device("cpu" if args.tiny else "cuda"):  # random init on the GPU: minutes faster at the 8B shape
             model = AutoModelForCausalLM.from_config(lora_e2e.llama_config(args.size), dtype=torch.bfloat16)
@@ -181,7 +192,7 @@ def main() -> None:
         peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.1f}"
         print(f"| {r['mode']} | {r['tok_s']:,} | {peak} | {r['n_train']:,} | {r['loss']:.3f} |")
     ok = {k: v for k, v in results.items() if "error" not in v}
-    for line in verdicts(ok):
+    for line in verdicts(ok) if not args.tiny else ["(CPU smoke test: no verdicts)"]:
         print(line)
     if args.json:
         meta = dict(device=device, torch=torch.__version__, date=time.strftime("%Y-%m-%d"))

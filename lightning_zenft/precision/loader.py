@@ -218,6 +218,7 @@ def load_pretrained_4bit(
     for name, grad in linear_grad.items():
         if name not in targets:
             model.get_submodule(name).weight.requires_grad_(grad)
+    chunk = CHUNK if device.type == "cpu" else 64 * CHUNK  # on an accelerator, fewer and larger transfers
     expected = set(model.state_dict())
     tied = {k for k in expected if _is_tied(model, k)}
     ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
@@ -232,7 +233,7 @@ def load_pretrained_4bit(
                     unexpected.append(key)
                 continue
             if layer_name in targets and attr == "weight":
-                chunks = (part.to(device) for part in read_chunks(path, entry, data_start, CHUNK))
+                chunks = (part.to(device) for part in read_chunks(path, entry, data_start, chunk))
                 weight = quantize_chunks(chunks, tuple(entry["shape"]), spec)
                 layer = to_linear4bit(model.get_submodule(layer_name), spec, weight=weight)
                 layer.source_weight = SourceWeight(path, key)
