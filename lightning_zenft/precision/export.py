@@ -10,9 +10,9 @@ adapters, each 4-bit weight dequantized (``dequant(Q)``, the values the 4-bit la
     save_base(module.model, "out/base")
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("out/base"), "out/adapter")
 
-gives the trained model's outputs. With ``mode="nf4"`` (no double quantization), loading ``out/base`` again in 4-bit
-NF4 with the same block size re-quantizes each ``dequant(Q)`` to the same codes and scales (NF4 re-quantization of a
-dequantized NF4 weight is the identity there); with double quantization the scales move slightly.
+gives the trained model's outputs. With ``mode="nf4"`` (no double quantization) and ``dtype=torch.float32``,
+quantizing ``out/base`` to NF4 again with the same block size gives back each ``Q``'s codes and scales; from bf16
+values, or with double quantization, the scales move slightly.
 
 Example::
 

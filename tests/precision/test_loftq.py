@@ -96,6 +96,17 @@ def test_the_trained_base_is_the_loftq_q_and_the_export_loads_in_peft(tmp_path):
         torch.testing.assert_close(peft.eval()(ids).logits, module.model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_nf4_requantization_of_the_float32_export_is_the_identity():
+    """What README promises for save_base(dtype=torch.float32) with mode='nf4' (and not with double quantization)."""
+    w = torch.randn(64, 256, generator=torch.Generator().manual_seed(2)) * 0.02
+    q = quantize_weight(w, SPEC)
+    again = quantize_weight(dequantize(q, torch.float32), SPEC)
+    assert torch.equal(again.data, q.data) and torch.equal(again.quant_state.absmax, q.quant_state.absmax)
+    dq = QuantSpec.from_mode("nf4-dq", compute_dtype=torch.float32)
+    q = quantize_weight(w, dq)
+    assert not torch.equal(dequantize(quantize_weight(dequantize(q, torch.float32), dq)), dequantize(q))
+
+
 def test_loftq_errors_say_what_to_do(tmp_path):
     with pytest.raises(TypeError, match=r"precision plugin is Precision\. Add plugins=\[lightning_zenft.NF4Precision"):
         make_trainer(tmp_path, [LoRA(r=2, init="loftq")], max_steps=1).fit(TinyLM("llama"))
