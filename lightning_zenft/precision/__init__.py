@@ -3,6 +3,7 @@
 bitsandbytes is imported lazily: importing this package works without it, using the plugin does not.
 """
 
+from lightning_zenft.precision.export import save_base
 from lightning_zenft.precision.fabric import FabricNF4Precision
 from lightning_zenft.precision.loader import load_pretrained_4bit
 from lightning_zenft.precision.loftq import apply_loftq, loftq_decompose
@@ -27,5 +28,6 @@ __all__ = [
     "make_shardable",
     "plan_quantization",
     "quantize_weight",
+    "save_base",
     "to_linear4bit",
 ]

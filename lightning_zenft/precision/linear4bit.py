@@ -36,6 +36,11 @@ class FrozenLinear4bit(bnb.nn.Linear4bit):
     Args:
         in_features, out_features: the layer's sizes.
         spec: the quantization (type, double quantization, compute dtype).
+
+    Example::
+
+        layer = to_linear4bit(nn.Linear(128, 64), QuantSpec(compute_dtype=torch.float32))
+        y = layer(torch.randn(2, 128))                          # x @ dequant(Q).T + b
     """
 
     def __init__(self, in_features: int, out_features: int, spec: QuantSpec) -> None:
