@@ -3,6 +3,7 @@ adapter-only checkpoints that resume bit-exactly, resume mismatches, YAML, and t
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -161,8 +162,10 @@ def test_yaml_plugin_without_init_args(tmp_path):
                     "enable_progress_bar": False, "default_root_dir": str(tmp_path),
                     "plugins": [{"class_path": "lightning_zenft.NF4Precision"}],
                     "callbacks": [{"class_path": "lightning_zenft.LoRA", "init_args": {"r": 4}}]},
-        "data": {"max_length": 32, "batch_size": 2},
+        "data": {"max_length": 32, "batch_size": 2, "train_file": str(tmp_path / "train.jsonl")},
     }  # fmt: skip
+    records = [{"prompt": f"Join with hyphens: a b {i}\nAnswer:", "completion": f" a-b-{i}"} for i in range(8)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(config))
     cli = cli_main(["fit", "--config", str(path)])
