@@ -113,3 +113,25 @@ def test_peak_host_memory_of_the_low_memory_load(tmp_path):
     assert ours["model_bytes"] == dense["model_bytes"]  # the same 4-bit model either way
     assert ours["peak_bytes"] <= 1.5 * ours["model_bytes"]
     assert dense["peak_bytes"] > result["shard_bytes"]  # the bf16 copy existed: the measurement can tell
+
+
+def test_fabric_init_module_loads_4bit_and_setup_trains_the_adapters(tmp_path):
+    import lightning as L
+
+    from lightning_zenft import LoRAConfig, inject_adapters
+    from lightning_zenft.precision import FabricNF4Precision
+
+    path = _save(tmp_path / "base")
+    fabric = L.Fabric(accelerator="cpu", devices=1, plugins=[FabricNF4Precision(compute_dtype=torch.float32)])
+    with fabric.init_module():
+        model = CausalLMModule(model=str(path)).model
+    assert sum(is_4bit_layer(m) for m in model.modules()) == 14
+    inject_adapters(model, LoRAConfig(r=2))
+    codes = {n: m.weight.data.clone() for n, m in model.named_modules() if is_4bit_layer(m)}
+    model = fabric.setup(model)
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    ids = token_batch(2, 8)
+    fabric.backward(model(input_ids=ids, labels=ids).loss)
+    optimizer.step()
+    assert all(layer.lora_B.weight.abs().sum() > 0 for _, layer in find_adapters(model))
+    assert all(torch.equal(m.weight.data, codes[n]) for n, m in model.module.named_modules() if is_4bit_layer(m))
