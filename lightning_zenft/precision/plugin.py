@@ -93,7 +93,7 @@ class NF4Precision(Precision, FabricNF4Precision):
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        full_checkpoint = "optimizer_states" in checkpoint or "loops" in checkpoint
+        full_checkpoint = "optimizer_states" in checkpoint  # a weights-only checkpoint records no precision state
         if full_checkpoint and type(self).__qualname__ not in checkpoint:
             raise RuntimeError(
                 "this checkpoint was written by a run without NF4Precision: its adapters were trained on a "
