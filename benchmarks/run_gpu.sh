@@ -8,6 +8,7 @@
 #   bash benchmarks/run_gpu.sh e2e-1b-dora                    # 1.1B shape, DoRA: ours fused, ours eager, PEFT
 #   bash benchmarks/run_gpu.sh e2e-8b                         # 8B shape, bf16 (full fine-tuning does not fit)
 #   bash benchmarks/run_gpu.sh e2e-8b-nf4                     # 8B shape, NF4 base
+#   bash benchmarks/run_gpu.sh qlora-8b qlora-8b-ceiling      # NF4Precision against PEFT QLoRA and the 4-bit ceiling
 #
 # Wheels of packages the machine lacks (bitsandbytes, liger-kernel) are installed from .whl/ when that folder exists.
 set -uo pipefail
@@ -53,8 +54,16 @@ for stage in "$@"; do
     e2e-8b-nf4)
       python3 benchmarks/bench_lora_e2e.py --size 8b --batch 2 --seq 2048 --quant nf4 --profile 2 \
         --modes ours,peft,peft_liger,ceiling,ceiling_liger --json "$OUT_DIR/e2e-8b-nf4.json" ;;
+    qlora-8b)
+      python3 benchmarks/bench_qlora_e2e.py --size 8b --batch 2 --seq 2048 --modes ours,ours_nokernels,peft \
+        --checkpoint "${TMPDIR:-/tmp}/zenft-llama8b-bf16" --json "$OUT_DIR/qlora-8b.json" ;;
+    qlora-8b-ceiling)
+      python3 benchmarks/bench_qlora_e2e.py --size 8b --batch 2 --seq 2048 --modes peft_liger,ceiling,ceiling_liger \
+        --checkpoint "${TMPDIR:-/tmp}/zenft-llama8b-bf16" --json "$OUT_DIR/qlora-8b-ceiling.json" \
+        && python3 benchmarks/bench_qlora_e2e.py --verdicts "$OUT_DIR/qlora-8b.json" "$OUT_DIR/qlora-8b-ceiling.json" ;;
     *)
-      echo "unknown stage $stage: tests, micro, estimate, e2e-1b, e2e-1b-dora, e2e-8b, e2e-8b-nf4"; status=2; continue ;;
+      echo "unknown stage $stage: tests, micro, estimate, e2e-1b, e2e-1b-dora, e2e-8b, e2e-8b-nf4, qlora-8b," \
+        "qlora-8b-ceiling"; status=2; continue ;;
   esac
   rc=$?
   [ $rc -ne 0 ] && status=$rc && echo "stage $stage failed with exit code $rc"

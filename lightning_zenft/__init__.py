@@ -71,6 +71,7 @@ from lightning_zenft.planning import (
     recommend,
     resolve_lora_rank_auto,
 )
+from lightning_zenft.precision import NF4Precision
 
 __version__ = "0.1.0"
 
@@ -96,6 +97,7 @@ __all__ = [
     "Mergeable",
     "MergeAdapters",
     "MemoryEstimate",
+    "NF4Precision",
     "Recommendation",
     "active_adapter",
     "add_adapter",

@@ -130,7 +130,13 @@ class CausalLMModule(L.LightningModule):
             )
         kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
         self._model_dir = source
-        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        from lightning_zenft.precision.loader import active_quantized_loading
+
+        quantized = active_quantized_loading()  # inside NF4Precision().module_init_context(): 4-bit, tensor by tensor
+        if quantized is not None:
+            loaded = quantized.load_pretrained(source, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         return loaded.train()  # from_pretrained returns eval mode; the Trainer keeps submodules' modes as found
 
     @property
@@ -177,9 +183,10 @@ class CausalLMModule(L.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with the way out, a checkpoint of adapters when this run has no adapter callback (its tensors would
-        otherwise be reported as a list of unexpected keys)."""
+        otherwise be reported as a list of unexpected keys), or one trained on a 4-bit base when this run's is not."""
         from lightning_zenft.adapters import find_adapters
         from lightning_zenft.callbacks._adapter import CHECKPOINT_KEY
+        from lightning_zenft.precision.resume import check_resume_precision
 
         writers = checkpoint.get(CHECKPOINT_KEY)
         if writers and not any(True for _ in find_adapters(self)):
@@ -187,6 +194,7 @@ class CausalLMModule(L.LightningModule):
                 f"the checkpoint holds adapters written by {writers}, but this model has none: add the same adapter "
                 "callback, with the settings of the run that wrote it, to the Trainer's callbacks."
             )
+        check_resume_precision(self.trainer, checkpoint)  # a 4-bit run's adapters need the 4-bit base
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW parameter groups over the trainable parameters: decayed matrices, undecayed biases and norms.

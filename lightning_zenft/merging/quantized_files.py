@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_zenft.merging.quantized import _bnb_functional
+from lightning_zenft.adapters._bnb import _bnb_functional
 from lightning_zenft.merging.safetensors_io import TensorEntry
 from lightning_zenft.merging.streaming import PretrainedWeights
 
