@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_zenft.data.paths import DEFAULT_BASE_MODEL_DIR
+from lightning_zenft.data.paths import DEFAULT_BASE_MODEL_DIR, check_pretrained_source
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -128,6 +128,7 @@ class CausalLMModule(L.LightningModule):
                 f"The embedded base model is missing from {str(DEFAULT_BASE_MODEL_DIR)!r}. Reinstall the package, "
                 "or pass model=<directory> or model_config={...}."
             )
+        check_pretrained_source(source, "model")
         kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
         self._model_dir = source
         loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)

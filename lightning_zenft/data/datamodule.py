@@ -10,10 +10,17 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_zenft.data.paths import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, DEFAULT_TASK_VAL_FILE
+from lightning_zenft.data.paths import (
+    DEFAULT_BASE_MODEL_DIR,
+    DEFAULT_TASK_FILE,
+    DEFAULT_TASK_VAL_FILE,
+    check_pretrained_source,
+)
 from lightning_zenft.data.resumable import ResumableDataLoader, ResumableSampler
 from lightning_zenft.data.text import CausalLMCollator, TokenizedDataset, pack, read_records, tokenize_records
 
@@ -108,6 +115,7 @@ class TextDataModule(L.LightningDataModule):
             from transformers import AutoTokenizer
 
             source = self.hparams.tokenizer if self.hparams.tokenizer is not None else str(DEFAULT_BASE_MODEL_DIR)
+            check_pretrained_source(str(source), "tokenizer")
             self._tokenizer = AutoTokenizer.from_pretrained(source)
         return self._tokenizer
 
@@ -206,10 +214,27 @@ class TextDataModule(L.LightningDataModule):
 
     @override
     def val_dataloader(self) -> DataLoader | list[Any]:
+        """The validation batches; ``[]`` when there is no validation data (a warning in ``fit``, an error in
+        ``validate``), so that a Trainer's ``val_check_interval`` is never silently a no-op.
+
+        Example:
+            >>> len(TextDataModule(max_length=64).val_dataloader())  # the default task's val split, batch 8
+            25
+        """
         self.setup("validate")
-        if self.val_dataset is None:
-            return []  # no val_file and val_fraction == 0: Lightning skips validation
-        return self._loader(self.val_dataset, shuffle=False)
+        if self.val_dataset is not None:
+            return self._loader(self.val_dataset, shuffle=False)
+        why = "TextDataModule has no validation data (no val_file, val_fraction=0)"
+        fn = None if self.trainer is None else self.trainer.state.fn
+        if fn == TrainerFn.VALIDATING:
+            raise ValueError(f"{why}; pass val_file=<path.jsonl> or val_fraction=0.05 to run trainer.validate.")
+        if fn == TrainerFn.FITTING:
+            rank_zero_warn(
+                f"{why}, so the validation this fit asks for (val_check_interval="
+                f"{self.trainer.val_check_interval!r}) runs nothing. Pass val_file=<path.jsonl> or val_fraction=0.05 "
+                "for validation, or set the Trainer's limit_val_batches=0 to skip it."
+            )
+        return []
 
     @override
     def test_dataloader(self) -> DataLoader:
