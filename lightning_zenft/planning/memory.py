@@ -13,7 +13,7 @@ precision      full fine-tuning                       frozen base (LoRA)      4-
 
 ``s`` is the number of optimizer states per parameter: 2 for AdamW (``exp_avg``, ``exp_avg_sq``), 1 for SGD
 with momentum. With ``mixed`` precision and AdamW that is ``2 + 2 + 4 + 8 = 16`` bytes per parameter, so a 7B
-full fine-tune holds 112 GB before activations; SGD with momentum needs 12. In the "copies of the model" view
+full fine-tune holds 112e9 bytes (104.3 GiB) before activations; SGD with momentum needs 12. In the "copies of the model" view
 with ``B`` bytes per value, Adam keeps four copies (``4NB``: weights, gradients, two states) and SGD three
 (weights, gradients, one momentum; ``2NB`` without the gradient). Adapter parameters are counted like full
 fine-tuning weights, except that under ``mixed`` they are held in fp32 (``4 + 4 + 4 s``). Under FSDP the
@@ -162,12 +162,18 @@ class MemoryEstimate:
         return out
 
     def format(self) -> str:
-        """A small table in GiB for printing."""
+        """A small table in GiB (2^30 bytes) for printing; ``to_dict`` has the bytes.
+
+        Example::
+
+            >>> print(estimate_memory("7B", "full").format().splitlines()[-1])
+              total per GPU     116.35 GiB
+        """
         rank = f", rank {self.rank}" if self.rank is not None else ""
         lines = [
             f"{self.method} on {self.model} ({self.n_params / 1e9:.2f}B params, {self.trainable_params:,} trainable"
             f"{rank}), batch {self.batch} x seq {self.seq}, {self.optimizer}, {self.precision} precision, "
-            f"{self.gpus} GPU(s), checkpointing {'on' if self.checkpointing else 'off'}",
+            f"{self.gpus} GPU(s), checkpointing {'on' if self.checkpointing else 'off'}; GiB = 2^30 bytes",
         ]
         for label, value in (
             ("weights", self.weights_bytes),
