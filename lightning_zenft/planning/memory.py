@@ -13,9 +13,9 @@ precision      full fine-tuning                       frozen base (LoRA)      4-
 
 ``s`` is the number of optimizer states per parameter: 2 for AdamW (``exp_avg``, ``exp_avg_sq``), 1 for SGD
 with momentum. With ``mixed`` precision and AdamW that is ``2 + 2 + 4 + 8 = 16`` bytes per parameter, so a 7B
-full fine-tune holds 112e9 bytes (104.3 GiB) before activations; SGD with momentum needs 12. In the "copies of the model" view
-with ``B`` bytes per value, Adam keeps four copies (``4NB``: weights, gradients, two states) and SGD three
-(weights, gradients, one momentum; ``2NB`` without the gradient). Adapter parameters are counted like full
+full fine-tune holds 112e9 bytes (104.3 GiB) before activations; SGD with momentum needs 12. In the "copies of
+the model" view with ``B`` bytes per value, Adam keeps four copies (``4NB``: weights, gradients, two states) and
+SGD three (weights, gradients, one momentum; ``2NB`` without the gradient). Adapter parameters are counted like full
 fine-tuning weights, except that under ``mixed`` they are held in fp32 (``4 + 4 + 4 s``). Under FSDP the
 weights, gradients and optimizer states are sharded: each GPU holds ``1 / G`` of them.
 
