@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-__all__ = ["saved_activation_bytes"]
+__all__ = ["saved_activation_bytes", "saved_tensor_bytes"]
+
+T = TypeVar("T")
 
 
 class _Held:
@@ -32,6 +36,41 @@ class _Held:
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
+
+
+def saved_tensor_bytes(forward: Callable[[], T], exclude: Iterable[torch.Tensor] = ()) -> tuple[T, int]:
+    """Run ``forward()``; return its result and the bytes of the unique storages its autograd graph holds for backward
+    when it returns, leaving out the storages of ``exclude`` (weights that exist anyway).
+
+    Example:
+        >>> w = torch.ones(1000, requires_grad=True)
+        >>> _, held = saved_tensor_bytes(lambda: w.exp().sum(), exclude=[w])  # exp keeps its output
+        >>> held
+        4000
+    """
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    handles: list[weakref.ref[_Held]] = []
+
+    def pack(tensor: torch.Tensor) -> _Held:
+        held = _Held(tensor.detach())  # the same storage without its grad_fn: no cycle through a saved output
+        handles.append(weakref.ref(held))
+        return held
+
+    def unpack(held: _Held) -> torch.Tensor:
+        return held.tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        result = forward()
+    gc.collect()  # graphs dropped inside forward but kept alive by a reference cycle
+    held_storages: dict[int, int] = {}
+    for ref in handles:
+        held = ref()
+        if held is None:
+            continue  # its graph was freed before forward ended
+        storage = held.tensor.untyped_storage()
+        if storage.nbytes() and storage.data_ptr() not in excluded:
+            held_storages[storage.data_ptr()] = storage.nbytes()  # live storages have distinct addresses
+    return result, sum(held_storages.values())
 
 
 def saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -46,26 +85,4 @@ def saved_activation_bytes(model: nn.Module, ids: torch.Tensor) -> tuple[torch.T
         >>> saved > 0
         True
     """
-    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    handles: list[weakref.ref[_Held]] = []
-
-    def pack(tensor: torch.Tensor) -> _Held:
-        held = _Held(tensor.detach())  # the same storage without its grad_fn: no cycle through a saved output
-        handles.append(weakref.ref(held))
-        return held
-
-    def unpack(held: _Held) -> torch.Tensor:
-        return held.tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        loss = model(input_ids=ids, labels=ids).loss
-    gc.collect()  # graphs dropped inside forward but kept alive by a reference cycle
-    held_storages: dict[int, int] = {}
-    for ref in handles:
-        held = ref()
-        if held is None:
-            continue  # its graph was freed before forward ended
-        storage = held.tensor.untyped_storage()
-        if storage.nbytes() and storage.data_ptr() not in param_storages:
-            held_storages[storage.data_ptr()] = storage.nbytes()  # live storages have distinct addresses
-    return loss, sum(held_storages.values())
+    return saved_tensor_bytes(lambda: model(input_ids=ids, labels=ids).loss, exclude=model.parameters())
