@@ -152,3 +152,27 @@ def test_sampler_shards_by_rank_like_distributed_sampler():
     assert shards == reference
     with pytest.raises(ValueError, match="start index 9 is outside"):
         ResumableSampler(data, num_replicas=3).start_at(0, 9)
+
+
+def test_the_position_rank_0_saves_continues_every_rank():
+    """Under DDP the checkpoint holds rank 0's loader state; each rank's loader resumes its own share from it."""
+    data = list(range(37))  # not a multiple of 2 ranks x batch 4: DistributedSampler pads each share to 19
+
+    def loader(rank: int) -> ResumableDataLoader:
+        sampler = ResumableSampler(data, seed=7, num_replicas=2, rank=rank)
+        return ResumableDataLoader(data, batch_size=4, sampler=sampler)
+
+    for rank in (0, 1):
+        straight = loader(rank)
+        batches = [b.tolist() for _ in range(2) for b in straight]  # two epochs of 5 batches
+        first = loader(rank)
+        it = iter(first)
+        done = [next(it).tolist() for _ in range(3)]
+        saved = loader(0)  # rank 0 handed out as many batches: its state is the checkpoint's
+        it0 = iter(saved)
+        for _ in range(3):
+            next(it0)
+        resumed = loader(rank)
+        resumed.load_state_dict(saved.state_dict())
+        rest = [b.tolist() for _ in range(2) for b in resumed][: len(batches) - 3]
+        assert done + rest == batches
