@@ -176,3 +176,15 @@ def test_the_position_rank_0_saves_continues_every_rank():
         resumed.load_state_dict(saved.state_dict())
         rest = [b.tolist() for _ in range(2) for b in resumed][: len(batches) - 3]
         assert done + rest == batches
+
+
+def test_a_loader_whose_sampler_was_replaced_runs_plainly_and_refuses_a_position():
+    """What the Trainer's overfit_batches does: the loader rebuilt with a SequentialSampler."""
+    data = list(range(6))
+    loader = ResumableDataLoader(data, batch_size=4, sampler=torch.utils.data.SequentialSampler(data))
+    assert [b.tolist() for b in loader] == [[0, 1, 2, 3], [4, 5]]
+    assert loader.state_dict() == {}
+    loader.load_state_dict({})  # a checkpoint of such a run holds no position: it starts the epoch over
+    position = ResumableDataLoader(data, batch_size=4, sampler=ResumableSampler(data)).state_dict()
+    with pytest.raises(TypeError, match="sampler is a SequentialSampler, not a ResumableSampler"):
+        loader.load_state_dict(position)
