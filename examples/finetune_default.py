@@ -7,9 +7,9 @@ held-out prompts (per kind of record), sample answers, and the loss on held-out 
 the base model). ``SaveAdapter`` writes the PEFT-format adapter when fitting ends and says where.
 
 The recipe: LoRA r=16 on every linear layer of the 1.25M-parameter base; AdamW at 4e-3 with 50 warm-up steps and a
-cosine decay to 10% of the rate, gradients clipped at norm 1.0; batch 16. Without the clipping, rates above 3e-3
-collapse this small model's answers to one repeated token; at a constant 3e-3 it reaches a third of the exact-match
-accuracy in the same steps.
+cosine decay to 10% of the rate, gradients clipped at norm 1.0; batch 16. In 1200-step trials (48 held-out prompts,
+12 of each kind) this schedule answered 39 exactly; a constant 3e-3 without clipping 15; a constant 5e-3 without
+clipping collapsed every answer to "-"; the schedule at 8e-3 answered none.
 """
 
 from __future__ import annotations
