@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_zenft.data.paths import DEFAULT_BASE_MODEL_DIR
+from lightning_zenft.data.paths import DEFAULT_BASE_MODEL_DIR, check_pretrained_source
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -70,6 +70,8 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: optimizer steps of linear warmup; ``0`` disables the scheduler.
         torch_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"`` or ``None`` (float32) for the
             model weights. Mixed precision is better chosen with the Trainer's ``precision=``.
+        gradient_checkpointing: recompute each decoder layer in backward instead of keeping its activations
+            (``transformers``' checkpointing, non-reentrant, so it works with a frozen embedding).
 
     Example:
         >>> import lightning as L
@@ -89,6 +91,7 @@ class CausalLMModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         torch_dtype: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if model is not None and model_config is not None:
@@ -106,6 +109,12 @@ class CausalLMModule(L.LightningModule):
         dtype = _resolve_dtype(torch_dtype)
         self._model_dir: str | None = None
         self.model: nn.Module = self._build(model, model_config, dtype)
+        if gradient_checkpointing:
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5 spelling
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _build(self, model: str | None, model_config: dict[str, Any] | None, dtype: torch.dtype | str | None) -> Any:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -128,6 +137,7 @@ class CausalLMModule(L.LightningModule):
                 f"The embedded base model is missing from {str(DEFAULT_BASE_MODEL_DIR)!r}. Reinstall the package, "
                 "or pass model=<directory> or model_config={...}."
             )
+        check_pretrained_source(source, "model")
         kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
         self._model_dir = source
         from lightning_zenft.precision.loader import active_quantized_loading
