@@ -35,9 +35,7 @@ from __future__ import annotations
 import torch
 
 
-def ewc_penalty(
-    param: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor, strength: float = 1.0
-) -> torch.Tensor:
+def ewc_penalty(param: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
     """``strength / 2 * sum(F * (theta - theta*)^2)`` in fp32 (differentiable in ``param``)."""
     diff = param.float() - anchor.float()
     return 0.5 * strength * (fisher.float() * diff * diff).sum()
