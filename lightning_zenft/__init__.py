@@ -13,8 +13,10 @@ from lightning_zenft.adapters import (
     unmerge_adapters,
 )
 from lightning_zenft.callbacks.adapters import DoRA, LoRA, trainable_parameters
+from lightning_zenft.callbacks.ewc import EWC
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.callbacks.kernels import FusedKernels
+from lightning_zenft.callbacks.l2sp import L2SP
 from lightning_zenft.config import LoRAConfig
 from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
 from lightning_zenft.inject import count_parameters, inject_adapters, match_targets, unload_adapters
@@ -65,4 +67,6 @@ __all__ = [
     "unload_adapters",
     "unmerge_adapters",
     "Wrapping",
+    "EWC",
+    "L2SP",
 ]

@@ -246,6 +246,13 @@ def fisher_diagonal(
                 if generator is None:
                     generator = torch.Generator(device=logits.device).manual_seed(seed)
                 probs = torch.softmax(logits2.detach()[valid].float(), dim=-1)  # (n, C)
+                if not torch.isfinite(probs).all():
+                    bad = [n for n, p in model.named_parameters() if not torch.isfinite(_local(p)).all()]
+                    raise FloatingPointError(
+                        f"the model's outputs are NaN or inf on example {examples} of the Fisher data, so the Fisher "
+                        f"would be too; parameters holding NaN or inf: {bad[:5] or 'none (the data or an overflow)'}. "
+                        "Fix the weights or compute in fp32."
+                    )
                 target = labels.reshape(-1)[valid]
                 weight = 1.0 / samples if estimator == "sampled" else 1.0
                 per_unit = 8 * (logits2.numel() + sum(_local(p).numel() for p in dense.values()) + capture.numel())

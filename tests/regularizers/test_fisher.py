@@ -243,10 +243,19 @@ def test_errors():
         fisher_diagonal(frozen, [(x, y)], logits_fn=logits_fn)
 
 
-def test_non_finite_fisher_names_the_parameter():
+def test_non_finite_outputs_name_the_broken_parameter():
     model = softmax_regression()
     with torch.no_grad():
         model.bias[0] = float("inf")
     x, y = inputs(4), torch.zeros(4, dtype=torch.long)
-    with pytest.raises(FloatingPointError, match="'weight'"):
+    with pytest.raises(FloatingPointError, match="NaN or inf: \\['bias'\\]"):
+        fisher_diagonal(model, [(x, y)], "empirical", logits_fn=logits_fn)
+
+
+def test_overflowing_fisher_names_the_parameter():
+    model = softmax_regression().float()
+    with torch.no_grad():
+        model.weight.zero_()  # finite outputs whatever the input
+    x, y = torch.full((4, D), 1e30), torch.zeros(4, dtype=torch.long)  # squared gradients overflow fp32
+    with pytest.raises(FloatingPointError, match="Fisher of parameter 'weight'"):
         fisher_diagonal(model, [(x, y)], "empirical", logits_fn=logits_fn)
