@@ -225,10 +225,10 @@ class WeightPenalty(Callback):
         if in_optimizer is None:
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
             self._optimized[id(optimizer)] = in_optimizer
-        total = self._apply(in_optimizer, pl_module.device)
-        penalty = 0.5 * self._strength * total
-        if self._sharded:
-            penalty = trainer.strategy.reduce(penalty, reduce_op="sum")
+        sharded, replicated = self._apply(in_optimizer, pl_module.device)
+        if self._sharded:  # dense shards add up over ranks; LoRA terms are computed whole on every rank
+            sharded = trainer.strategy.reduce(sharded, reduce_op="sum")
+        penalty = 0.5 * self._strength * (sharded + replicated)
         self.last_penalty = penalty.detach()
         pl_module.log(f"{self.name}/penalty", penalty, on_step=True, on_epoch=False, batch_size=1)
         if self._loss_sum is not None:
@@ -237,11 +237,12 @@ class WeightPenalty(Callback):
         self._loss_sum = None
 
     @torch.no_grad()
-    def _apply(self, in_optimizer: set[int], device: torch.device) -> torch.Tensor:
-        """Add the penalty's gradient to ``.grad``; return ``sum F d^2`` over the local targets (fp32)."""
+    def _apply(self, in_optimizer: set[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the penalty's gradient to ``.grad``; return ``sum F d^2`` over local shards and over whole tensors."""
         assert self.targets is not None
         strength = self._strength
         total = torch.zeros((), dtype=torch.float32, device=device)
+        whole = torch.zeros((), dtype=torch.float32, device=device)
         for name, p in self.targets.dense.items():
             if id(p) not in in_optimizer:
                 continue
@@ -260,14 +261,14 @@ class WeightPenalty(Callback):
             if anchor is not None:
                 a0, b0 = gather_like(anchor[0], a), gather_like(anchor[1], b)
             value, grad_a, grad_b = lowrank_penalty(full(a.detach()), full(b.detach()), scale, row, col, a0, b0)
-            total += 2 * value
+            whole += 2 * value
             if id(a) in in_optimizer and a.requires_grad:
                 _grad_local(a).add_(shard_like(grad_a, a), alpha=strength)
             if id(b) in in_optimizer and b.requires_grad:
                 _grad_local(b).add_(shard_like(grad_b, b), alpha=strength)
         for name, layer in self.targets.mergeable.items():
-            total += self._apply_mergeable(name, layer, in_optimizer, strength)
-        return total
+            whole += self._apply_mergeable(name, layer, in_optimizer, strength)
+        return total, whole
 
     def _apply_mergeable(self, name: str, layer: nn.Module, in_optimizer: set[int], strength: float) -> torch.Tensor:
         params = {k: p for k, p in adapter_parameters(layer).items() if p.requires_grad and id(p) in in_optimizer}
