@@ -17,6 +17,7 @@ from lightning_zenft.callbacks.ewc import EWC
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.callbacks.kernels import FusedKernels
 from lightning_zenft.callbacks.l2sp import L2SP
+from lightning_zenft.callbacks.replay import Replay
 from lightning_zenft.config import LoRAConfig
 from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
 from lightning_zenft.inject import count_parameters, inject_adapters, match_targets, unload_adapters
@@ -69,4 +70,5 @@ __all__ = [
     "Wrapping",
     "EWC",
     "L2SP",
+    "Replay",
 ]
