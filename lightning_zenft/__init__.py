@@ -13,6 +13,7 @@ from lightning_zenft.adapters import (
     unmerge_adapters,
 )
 from lightning_zenft.callbacks.adapters import DoRA, LoRA, trainable_parameters
+from lightning_zenft.callbacks.distill import DistillToBase
 from lightning_zenft.callbacks.ewc import EWC
 from lightning_zenft.callbacks.export import SaveAdapter
 from lightning_zenft.callbacks.kernels import FusedKernels
@@ -71,4 +72,5 @@ __all__ = [
     "EWC",
     "L2SP",
     "Replay",
+    "DistillToBase",
 ]
