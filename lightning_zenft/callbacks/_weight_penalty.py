@@ -243,14 +243,9 @@ class WeightPenalty(Callback):
         strength = self._strength
         total = torch.zeros((), dtype=torch.float32, device=device)
         whole = torch.zeros((), dtype=torch.float32, device=device)
-        for name, p in self.targets.dense.items():
-            if id(p) not in in_optimizer:
-                continue
-            diff = local(p).detach().float() - self.anchors[name]
-            weight = self.weights(name)
-            weighted = diff if weight is None else diff * weight
-            total += (weighted * diff).sum()
-            _grad_local(p).add_(weighted, alpha=strength)
+        names = [n for n, p in self.targets.dense.items() if id(p) in in_optimizer]
+        for group in _groups(names, self.anchors):
+            total += self._apply_dense(group, strength)
         for name, layer in self.targets.lowrank.items():
             a, b, scale = layer.low_rank_factors()  # type: ignore[operator]
             if id(a) not in in_optimizer and id(b) not in in_optimizer:
@@ -269,6 +264,25 @@ class WeightPenalty(Callback):
         for name, layer in self.targets.mergeable.items():
             whole += self._apply_mergeable(name, layer, in_optimizer, strength)
         return total, whole
+
+    def _apply_dense(self, names: list[str], strength: float) -> torch.Tensor:
+        """``grad += strength * F * (theta - theta*)`` for a group of dense targets (``torch._foreach`` ops, one
+        kernel per operation for the whole group); returns ``sum F (theta - theta*)^2`` over the group."""
+        assert self.targets is not None
+        params = [local(self.targets.dense[n]).detach() for n in names]
+        diffs = torch._foreach_sub([p.float() for p in params], [self.anchors[n] for n in names])  # fp32 temporaries
+        weights = [self.weights(n) for n in names]
+        weighted = diffs if weights[0] is None else torch._foreach_mul(diffs, weights)  # type: ignore[arg-type]
+        grads = [_grad_local(self.targets.dense[n]) for n in names]
+        if all(g.dtype == torch.float32 for g in grads):
+            torch._foreach_add_(grads, weighted, alpha=strength)
+        else:
+            for g, w in zip(grads, weighted, strict=True):
+                g.add_(w, alpha=strength)
+        if weighted is diffs:  # L2-SP: sum d^2 from the norms, no product needed
+            return torch.stack(torch._foreach_norm(diffs, 2)).square().sum()
+        torch._foreach_mul_(diffs, weighted)  # F d^2 >= 0, in place
+        return torch.stack(torch._foreach_norm(diffs, 1)).sum()
 
     def _apply_mergeable(self, name: str, layer: nn.Module, in_optimizer: set[int], strength: float) -> torch.Tensor:
         params = {k: p for k, p in adapter_parameters(layer).items() if p.requires_grad and id(p) in in_optimizer}
@@ -370,6 +384,23 @@ class WeightPenalty(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._strength = check_strength(state_dict["strength"], type(self).__name__)
         self.task_count = int(state_dict["task_count"])
+
+
+def _groups(names: list[str], anchors: dict[str, torch.Tensor], budget: int = 1 << 24) -> list[list[str]]:
+    """Consecutive groups of about ``budget`` elements: bounds the fp32 temporaries of one group (2 x 64 MiB)."""
+    groups: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for name in names:
+        n = anchors[name].numel()
+        if current and size + n > budget:
+            groups.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += n
+    if current:
+        groups.append(current)
+    return groups
 
 
 def _grad_local(p: torch.Tensor) -> torch.Tensor:
