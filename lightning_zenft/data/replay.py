@@ -249,4 +249,31 @@ def _pad(t: torch.Tensor, length: int, value: int, side: str) -> torch.Tensor:
     return torch.cat([t, extra] if side == "right" else [extra, t], dim=1)
 
 
-__all__ = ["ReplayMixer", "batch_size", "merge_batches"]
+def general_examples(tokenizer: Any, n: int, seq_len: int, max_chars: int | None = 2_000_000) -> list[dict[str, Any]]:
+    """``n`` examples of ``seq_len`` tokens of general text from the *train* split (never the probe), for ``Replay``
+    and EWC's Fisher data: windows at evenly spaced offsets of the tokenized stream, every token a target.
+
+    Example:
+        >>> from transformers import AutoTokenizer
+        >>> from lightning_zenft.data.paths import DEFAULT_BASE_MODEL_DIR
+        >>> items = general_examples(AutoTokenizer.from_pretrained(DEFAULT_BASE_MODEL_DIR), n=4, seq_len=32)
+        >>> len(items), len(items[0]["input_ids"])
+        (4, 32)
+    """
+    from lightning_zenft.data.corpus import general_text
+
+    if n < 1 or seq_len < 2:
+        raise ValueError(f"general_examples: n={n} must be >= 1 and seq_len={seq_len} >= 2.")
+    stream: list[int] = []
+    for ids in tokenizer(general_text("train", max_chars=max_chars), add_special_tokens=True)["input_ids"]:
+        stream.extend(ids)
+    if len(stream) < n * seq_len:
+        raise ValueError(
+            f"general_examples: the general text gave {len(stream)} tokens, fewer than n * seq_len = {n * seq_len}; "
+            f"ask for fewer or shorter examples or raise max_chars (now {max_chars})."
+        )
+    starts = torch.linspace(0, len(stream) - seq_len, n).long().tolist()
+    return [{"input_ids": stream[s : s + seq_len], "labels": stream[s : s + seq_len]} for s in starts]
+
+
+__all__ = ["ReplayMixer", "batch_size", "general_examples", "merge_batches"]

@@ -176,3 +176,21 @@ def test_errors(tmp_path):
     mixer = ReplayMixer(general, ratio=0.2)
     with pytest.raises(ValueError, match="ratio=0.2, this callback has ratio=0.3"):
         ReplayMixer(general, ratio=0.3).load_state_dict(mixer.state_dict())
+
+
+def test_general_examples_come_from_the_train_split():
+    from transformers import AutoTokenizer
+
+    from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, general_text
+    from lightning_zenft.data.replay import general_examples
+
+    tok = AutoTokenizer.from_pretrained(DEFAULT_BASE_MODEL_DIR)
+    items = general_examples(tok, n=3, seq_len=16, max_chars=20_000)
+    assert [len(i["input_ids"]) for i in items] == [16, 16, 16] and all(i["labels"] == i["input_ids"] for i in items)
+    train = "".join(general_text("train", max_chars=20_000))
+    words = tok.decode(items[1]["input_ids"][2:-2]).split()
+    assert words and all(w in train for w in words)
+    with pytest.raises(ValueError, match="fewer than n \\* seq_len"):
+        general_examples(tok, n=1000, seq_len=512, max_chars=1_000)
+    with pytest.raises(ValueError, match="seq_len=1"):
+        general_examples(tok, n=1, seq_len=1)
