@@ -5,7 +5,8 @@ Where the penalty enters: its gradient ``strength * F * (theta - theta*)`` is ad
 micro-batches are summed and after AMP unscaling, before gradient clipping. The user's ``training_step`` and loss are
 untouched; the penalty's value and its share of the loss (``penalty / (task loss + penalty)``, the task loss summed
 over the step's micro-batches as ``on_before_backward`` sees them) are logged as ``<name>/penalty`` and
-``<name>/share``.
+``<name>/share`` on the steps the loggers take (``log_every_n_steps``, and the first and last step): the value costs
+one more pass over the weights, the gradient is added at every step.
 
 What it acts on (:func:`~lightning_zenft.regularizers.find_targets`): every trainable tensor entry by entry; a LoRA
 layer through its factors, on the change ``s (B A - B0 A0)`` of its effective weight; other mergeable adapters on
@@ -225,27 +226,32 @@ class WeightPenalty(Callback):
         if in_optimizer is None:
             in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
             self._optimized[id(optimizer)] = in_optimizer
-        sharded, replicated = self._apply(in_optimizer, pl_module.device)
-        if self._sharded:  # dense shards add up over ranks; LoRA terms are computed whole on every rank
-            sharded = trainer.strategy.reduce(sharded, reduce_op="sum")
-        penalty = 0.5 * self._strength * (sharded + replicated)
-        self.last_penalty = penalty.detach()
-        pl_module.log(f"{self.name}/penalty", penalty, on_step=True, on_epoch=False, batch_size=1)
-        if self._loss_sum is not None:
-            share = penalty / (self._loss_sum + penalty).clamp_min(1e-30)
-            pl_module.log(f"{self.name}/share", share, on_step=True, on_epoch=False, batch_size=1)
+        with_value = _logging_step(trainer)
+        sharded, replicated = self._apply(in_optimizer, pl_module.device, with_value)
+        if with_value:
+            if self._sharded:  # dense shards add up over ranks; LoRA terms are computed whole on every rank
+                sharded = trainer.strategy.reduce(sharded, reduce_op="sum")
+            penalty = 0.5 * self._strength * (sharded + replicated)
+            self.last_penalty = penalty.detach()
+            pl_module.log(f"{self.name}/penalty", penalty, on_step=True, on_epoch=False, batch_size=1)
+            if self._loss_sum is not None:
+                share = penalty / (self._loss_sum + penalty).clamp_min(1e-30)
+                pl_module.log(f"{self.name}/share", share, on_step=True, on_epoch=False, batch_size=1)
         self._loss_sum = None
 
     @torch.no_grad()
-    def _apply(self, in_optimizer: set[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Add the penalty's gradient to ``.grad``; return ``sum F d^2`` over local shards and over whole tensors."""
+    def _apply(
+        self, in_optimizer: set[int], device: torch.device, with_value: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the penalty's gradient to ``.grad``; return ``sum F d^2`` over local shards and over whole tensors
+        (the dense part only when ``with_value``: it costs one more pass over the weights)."""
         assert self.targets is not None
         strength = self._strength
         total = torch.zeros((), dtype=torch.float32, device=device)
         whole = torch.zeros((), dtype=torch.float32, device=device)
         names = [n for n, p in self.targets.dense.items() if id(p) in in_optimizer]
         for group in _groups(names, self.anchors):
-            total += self._apply_dense(group, strength)
+            total += self._apply_dense(group, strength, with_value)
         for name, layer in self.targets.lowrank.items():
             a, b, scale = layer.low_rank_factors()  # type: ignore[operator]
             if id(a) not in in_optimizer and id(b) not in in_optimizer:
@@ -265,24 +271,33 @@ class WeightPenalty(Callback):
             whole += self._apply_mergeable(name, layer, in_optimizer, strength)
         return total, whole
 
-    def _apply_dense(self, names: list[str], strength: float) -> torch.Tensor:
-        """``grad += strength * F * (theta - theta*)`` for a group of dense targets (``torch._foreach`` ops, one
-        kernel per operation for the whole group); returns ``sum F (theta - theta*)^2`` over the group."""
+    def _apply_dense(self, names: list[str], strength: float, with_value: bool) -> torch.Tensor:
+        """``grad += strength * F * (theta - theta*)`` for a group of dense targets: two ``torch._foreach`` passes
+        (the difference, then a fused multiply-add into the gradients); ``sum F (theta - theta*)^2`` if asked."""
         assert self.targets is not None
         params = [local(self.targets.dense[n]).detach() for n in names]
         diffs = torch._foreach_sub([p.float() for p in params], [self.anchors[n] for n in names])  # fp32 temporaries
         weights = [self.weights(n) for n in names]
-        weighted = diffs if weights[0] is None else torch._foreach_mul(diffs, weights)  # type: ignore[arg-type]
         grads = [_grad_local(self.targets.dense[n]) for n in names]
-        if all(g.dtype == torch.float32 for g in grads):
-            torch._foreach_add_(grads, weighted, alpha=strength)
-        else:
-            for g, w in zip(grads, weighted, strict=True):
-                g.add_(w, alpha=strength)
-        if weighted is diffs:  # L2-SP: sum d^2 from the norms, no product needed
+        fp32 = all(g.dtype == torch.float32 for g in grads)
+        if weights[0] is None:  # L2-SP
+            if fp32:
+                torch._foreach_add_(grads, diffs, alpha=strength)
+            else:
+                for g, d in zip(grads, diffs, strict=True):
+                    g.add_(d, alpha=strength)
+            if not with_value:
+                return torch.zeros((), device=diffs[0].device)
             return torch.stack(torch._foreach_norm(diffs, 2)).square().sum()
-        torch._foreach_mul_(diffs, weighted)  # F d^2 >= 0, in place
-        return torch.stack(torch._foreach_norm(diffs, 1)).sum()
+        if fp32:
+            torch._foreach_addcmul_(grads, diffs, weights, value=strength)  # type: ignore[arg-type]
+        else:
+            for g, d, w in zip(grads, diffs, weights, strict=True):
+                g.addcmul_(d, w, value=strength)  # type: ignore[arg-type]
+        if not with_value:
+            return torch.zeros((), device=diffs[0].device)
+        torch._foreach_mul_(diffs, diffs)  # d^2, in place
+        return torch.stack([torch.dot(w.reshape(-1), d.reshape(-1)) for w, d in zip(weights, diffs, strict=True)]).sum()  # type: ignore[union-attr]
 
     def _apply_mergeable(self, name: str, layer: nn.Module, in_optimizer: set[int], strength: float) -> torch.Tensor:
         params = {k: p for k, p in adapter_parameters(layer).items() if p.requires_grad and id(p) in in_optimizer}
@@ -401,6 +416,17 @@ def _groups(names: list[str], anchors: dict[str, torch.Tensor], budget: int = 1 
     if current:
         groups.append(current)
     return groups
+
+
+def _logging_step(trainer: pl.Trainer) -> bool:
+    """Whether the loggers take this step's metrics (Lightning's own test), or it is the first or the last step."""
+    step = trainer.global_step + 1
+    if step == 1 or (trainer.max_steps is not None and 0 < trainer.max_steps <= step):
+        return True
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is not None and hasattr(connector, "should_update_logs"):
+        return bool(connector.should_update_logs)
+    return step % max(1, trainer.log_every_n_steps) == 0
 
 
 def _grad_local(p: torch.Tensor) -> torch.Tensor:

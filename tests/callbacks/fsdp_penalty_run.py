@@ -87,6 +87,7 @@ def run(devices: int, lora: bool, steps: int = 3, ckpt_dir: Path | None = None, 
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
+        log_every_n_steps=1,
         callbacks=callbacks,
         **kwargs,
     )

@@ -198,8 +198,9 @@ def test_scale_strength_multiplies_logs_and_takes_effect(tmp_path):
     diff = before.params[2][name] - ewc.anchors[name]
     torch.testing.assert_close(before.added(after, 2)[name], 300.0 * ewc.fisher.diagonal[name] * diff)
     with open(logger.log_dir + "/metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("ewc/strength")]
-    assert [float(r["ewc/strength"]) for r in rows] == [300.0]
+        rows = list(csv.DictReader(f))
+    assert [float(r["ewc/strength"]) for r in rows if r.get("ewc/strength")] == [300.0]
+    assert len([r for r in rows if r.get("ewc/penalty")]) == 3  # log_every_n_steps=1: a value at every step
     ewc.strength = 5.0
     assert ewc.strength == 5.0
     for bad in (0.0, -1.0, float("nan")):
