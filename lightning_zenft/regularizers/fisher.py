@@ -66,6 +66,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_zenft.regularizers.examples import split_examples
+from lightning_zenft.regularizers.factored import Capture, add_factor_sums, add_rank1
+
 Estimator = Literal["sampled", "empirical", "exact"]
 Unit = Literal["token", "sequence"]
 LogitsFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
@@ -106,22 +109,8 @@ class Fisher:
                 " appear in only one. Use the same model and targets for every task."
             )
         diagonal = {k: decay * v + new.diagonal[k] for k, v in self.diagonal.items()}
-        factors = {k: _add_rank1(v, new.factors[k], decay) for k, v in self.factors.items()}
+        factors = {k: add_rank1(v, new.factors[k], decay) for k, v in self.factors.items()}
         return Fisher(diagonal, factors, self.tokens + new.tokens, "combined")
-
-
-def _add_rank1(
-    old: tuple[torch.Tensor, torch.Tensor], new: tuple[torch.Tensor, torch.Tensor], decay: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rank-1 fit (same row and column sums) of ``decay * old + new``, both rank-1, without forming either."""
-    (r0, c0), (r1, c1) = old, new
-    s0, s1 = c0.sum(), c1.sum()
-    row = decay * r0 * s0 + r1 * s1  # (out,) row sums of the sum
-    col = decay * c0 * r0.sum() + c1 * r1.sum()  # (in,) column sums
-    total = row.sum()
-    if total <= 0:
-        return torch.zeros_like(r0), torch.zeros_like(c0)
-    return row, col / total
 
 
 def causal_lm_logits(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,7 +205,7 @@ def fisher_diagonal(
     acc = {n: torch.zeros_like(_local(p), dtype=torch.float32) for n, p in dense.items()}
     rows: dict[str, torch.Tensor] = {}
     cols: dict[str, torch.Tensor] = {}
-    capture = _Capture(layers, keep_grads=not vectorize)
+    capture = Capture(layers, keep_grads=not vectorize)
     generator: torch.Generator | None = None
     tokens = examples = seen_batches = 0
     saved_grads = {id(p): p.grad for p in model.parameters()}
@@ -227,7 +216,7 @@ def fisher_diagonal(
             if max_batches is not None and seen_batches >= max_batches:
                 break
             seen_batches += 1
-            for example in _split_examples(batch):
+            for example in split_examples(batch):
                 examples += 1
                 with capture:
                     logits, labels = logits_fn(model, example)
@@ -362,7 +351,7 @@ def _accumulate_batched(
     grad_outputs: torch.Tensor,
     dense: dict[str, torch.Tensor],
     acc: dict[str, torch.Tensor],
-    capture: _Capture,
+    capture: Capture,
     rows: dict[str, torch.Tensor],
     cols: dict[str, torch.Tensor],
     weight: float,
@@ -383,7 +372,7 @@ def _accumulate_batched(
             deltas.append(torch.zeros_like(y).expand(grad_outputs.shape[0], *y.shape) if g is None else g)
         offset += len(ys)
         delta = torch.cat([d.reshape(d.shape[0], -1, d.shape[-1]) for d in deltas], dim=1)  # (K, T, out)
-        _add_factor_sums(name, delta, capture.inputs(name), rows, cols, weight)
+        add_factor_sums(name, delta, capture.inputs(name), rows, cols, weight)
 
 
 def _accumulate_backward(
@@ -391,7 +380,7 @@ def _accumulate_backward(
     grad_output: torch.Tensor,
     dense: dict[str, torch.Tensor],
     acc: dict[str, torch.Tensor],
-    capture: _Capture,
+    capture: Capture,
     rows: dict[str, torch.Tensor],
     cols: dict[str, torch.Tensor],
     weight: float,
@@ -406,140 +395,7 @@ def _accumulate_backward(
             p.grad = None
     for name in capture.layers:
         delta = torch.cat([d.reshape(1, -1, d.shape[-1]) for d in capture.grads(name)], dim=1)  # (1, T, out)
-        _add_factor_sums(name, delta, capture.inputs(name), rows, cols, weight)
-
-
-def _add_factor_sums(
-    name: str,
-    delta: torch.Tensor,
-    x: torch.Tensor,
-    rows: dict[str, torch.Tensor],
-    cols: dict[str, torch.Tensor],
-    weight: float,
-) -> None:
-    """Add the row and column sums of ``(delta_k^T x)^2`` over units ``k`` without forming ``delta_k^T x``."""
-    delta = delta.float()  # (K, T, out)
-    x = x.float()  # (T, in)
-    gram_x = x @ x.T  # (T, T)
-    row = (torch.einsum("kts,ksi->kti", gram_x.expand(delta.shape[0], -1, -1), delta) * delta).sum((0, 1))  # (out,)
-    gram_d = delta @ delta.transpose(1, 2)  # (K, T, T)
-    col = (torch.einsum("kts,sj->ktj", gram_d, x) * x).sum((0, 1))  # (in,)
-    rows[name] = rows[name] + weight * row if name in rows else weight * row
-    cols[name] = cols[name] + weight * col if name in cols else weight * col
-
-
-class _Capture:
-    """Forward hooks that keep each factored layer's inputs (detached) and outputs (in the graph) for one example."""
-
-    def __init__(self, layers: Mapping[str, nn.Module], keep_grads: bool) -> None:
-        self.layers = dict(layers)
-        self.keep_grads = keep_grads
-        self._x: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        self._y: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        self._g: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> _Capture:
-        self.clear()
-        if not self._handles:
-            for name, module in self.layers.items():
-                self._handles.append(module.register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not args or not isinstance(args[0], torch.Tensor) or not isinstance(output, torch.Tensor):
-                raise TypeError(
-                    f"layer {name!r} ({type(module).__name__}) must take a tensor first and return a tensor for its "
-                    "factored Fisher; leave it out of `factored` (its own parameters then get a dense Fisher)."
-                )
-            if not output.requires_grad:
-                output.requires_grad_(True)  # a frozen layer fed by frozen layers: still a point to take gradients at
-            x = args[0].detach()
-            self._x[name].append(x.reshape(-1, x.shape[-1]))
-            self._y[name].append(output)
-            if self.keep_grads:
-                output.register_hook(lambda g: self._g[name].append(g))
-
-        return hook
-
-    def outputs(self) -> list[tuple[str, list[torch.Tensor]]]:
-        return [(n, self._y[n]) for n in self.layers]
-
-    def inputs(self, name: str) -> torch.Tensor:
-        return torch.cat(self._x[name], dim=0)  # (T, in)
-
-    def grads(self, name: str) -> list[torch.Tensor]:
-        if len(self._g[name]) != len(self._y[name]):
-            return [torch.zeros_like(y) for y in self._y[name]]  # no gradient reached the layer in this unit
-        return self._g[name]
-
-    def reset_grads(self) -> None:
-        for g in self._g.values():
-            g.clear()
-
-    def numel(self) -> int:
-        return sum(y.numel() for ys in self._y.values() for y in ys)
-
-    def clear(self) -> None:
-        for d in (self._x, self._y, self._g):
-            for v in d.values():
-                v.clear()
-
-    def remove(self) -> None:
-        self.__exit__()
-        self.clear()
-
-
-# --------------------------------------------------------------------------------------------------- batches
-def _split_examples(batch: Any) -> Iterator[Any]:
-    """Yield one-example batches of ``batch`` (a tensor, or a dict/list/tuple of tensors sharing the first dim).
-
-    In a dict batch with an ``attention_mask``, trailing positions no row attends to are cut (right padding).
-    """
-    size = _batch_size(batch)
-    for i in range(size):
-        example = _index(batch, slice(i, i + 1))
-        if isinstance(example, Mapping) and isinstance(example.get("attention_mask"), torch.Tensor):
-            mask = example["attention_mask"]
-            if mask.dim() == 2 and mask.shape[1] > 0:
-                length = int(mask[0].nonzero().max().item()) + 1 if mask[0].any() else 0
-                if length < mask.shape[1]:
-                    full = mask.shape[1]
-                    example = {
-                        k: v[:, :length] if isinstance(v, torch.Tensor) and v.dim() >= 2 and v.shape[1] == full else v
-                        for k, v in example.items()
-                    }
-        yield example
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, Mapping):
-        sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
-    elif isinstance(batch, list | tuple):
-        sizes = {v.shape[0] for v in batch if isinstance(v, torch.Tensor) and v.dim() > 0}
-    else:
-        raise TypeError(f"cannot split a {type(batch).__name__} batch into examples; use tensors, dicts or tuples.")
-    if len(sizes) != 1:
-        raise ValueError(f"the tensors of a Fisher batch disagree on the batch size: {sorted(sizes)}.")
-    return sizes.pop()
-
-
-def _index(batch: Any, index: slice) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch[index] if batch.dim() > 0 else batch
-    if isinstance(batch, Mapping):
-        return {k: _index(v, index) for k, v in batch.items()}
-    if isinstance(batch, list | tuple):
-        return type(batch)(_index(v, index) for v in batch)
-    return batch
+        add_factor_sums(name, delta, capture.inputs(name), rows, cols, weight)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
