@@ -160,12 +160,6 @@ class WeightPenalty(Callback):
                 f"{type(self).__name__}: the model has no trainable parameter to hold near its start; add an adapter "
                 "callback or unfreeze parameters before fit."
             )
-        for name, p in targets.dense.items():
-            if not p.is_floating_point():
-                raise RuntimeError(
-                    f"{type(self).__name__}: trainable parameter {name!r} is {p.dtype}; a quadratic penalty needs "
-                    "floating-point weights (the precision plugin quantized it?)."
-                )
         params = [*targets.dense.values()]
         for layer in targets.factored.values():
             params.extend(adapter_parameters(layer).values())
