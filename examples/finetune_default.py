@@ -66,7 +66,7 @@ def with_regularizer(args, data, task_val, general, general_before, plain_rise, 
     if args.regularizer == "ewc":
         collate = CausalLMCollator.for_tokenizer(data.tokenizer)
         fisher_data = [collate(items[i : i + 8]) for i in range(0, len(items), 8)]
-        regularizer = EWC(fisher_data=fisher_data, strength=3000.0)
+        regularizer = EWC(fisher_data=fisher_data, strength=100.0)
     else:
         regularizer = Replay(items, ratio=0.1)
     trainer = L.Trainer(

@@ -4,7 +4,8 @@
 
 With 2 devices, ``ModelParallelStrategy`` shards every parameter over a 2-process gloo group (``fully_shard`` in
 ``configure_model``); each rank trains on half of every 4-example batch (Lightning's distributed sampler), so the
-averaged gradient is the 1-process gradient. Used by ``test_ewc_fsdp.py``.
+averaged gradient is the 1-process gradient. With 2 devices it also resumes from a distributed checkpoint, and runs
+DDP with a different Fisher batch per rank. Used by ``test_ewc_fsdp.py``.
 """
 
 from __future__ import annotations
@@ -99,6 +100,26 @@ def run(devices: int, lora: bool, steps: int = 3, ckpt_dir: Path | None = None, 
     return {"params": params, "fisher": fisher, "factors": factors, "penalties": record.penalties}
 
 
+def run_ddp(devices: int) -> dict[str, torch.Tensor]:
+    """DDP with a different Fisher batch on each rank: EWC averages the ranks' Fishers (token-weighted)."""
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    ewc = EWC(general_batches(n=4, seed=3 + rank), strength=500.0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        callbacks=[ewc],
+    )
+    trainer.fit(ShardedLM())
+    return {n: v.detach().cpu() for n, v in ewc.fisher.diagonal.items()}
+
+
 def _gather(ewc: EWC, name: str) -> torch.Tensor:
     from lightning_zenft.callbacks._weight_penalty import gather_like
 
@@ -114,6 +135,7 @@ def main() -> None:
         run(devices, lora=False, steps=2, ckpt_dir=ckpt_dir)
         (ckpt,) = sorted(ckpt_dir.glob("*.ckpt"))
         results["resumed"] = run(devices, lora=False, steps=3, resume=ckpt)
+        results["ddp"] = run_ddp(devices)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         torch.save(results, out)
 

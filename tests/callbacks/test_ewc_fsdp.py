@@ -1,4 +1,5 @@
-"""EWC under FSDP2 on 2 CPU processes (gloo) equals one process: Fisher, penalties, weights, and a resume."""
+"""EWC under FSDP2 on 2 CPU processes (gloo) equals one process: Fisher, penalties, weights, and a resume; under DDP
+the ranks' Fishers are averaged."""
 
 from __future__ import annotations
 
@@ -55,3 +56,14 @@ def test_two_process_fsdp2_equals_one_process(tmp_path):
     assert resumed["penalties"] == straight["penalties"][-1:]
     for name, value in straight["params"].items():
         assert torch.equal(resumed["params"][name], value), name
+    # DDP, rank r estimating on its own batch: every rank holds the token-weighted mean of the two Fishers
+    from forgetting_testing import general_batches, pretrained_model
+
+    from lightning_zenft.regularizers import fisher_diagonal
+
+    per_rank = [fisher_diagonal(pretrained_model(), general_batches(n=4, seed=3 + r)) for r in (0, 1)]
+    assert per_rank[0].tokens == per_rank[1].tokens
+    for name, value in two["ddp"].items():
+        inner = name.removeprefix("model.")
+        want = 0.5 * (per_rank[0].diagonal[inner] + per_rank[1].diagonal[inner])
+        torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-12)
