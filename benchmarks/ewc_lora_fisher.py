@@ -79,6 +79,7 @@ def main() -> None:
     weights = {n: base.get_submodule(n).weight for n in names}
     dense = fisher_diagonal(base, batches, "sampled", params=weights, seed=0)
     adapted = CausalLMModule().model.eval()
+    torch.manual_seed(0)
     layers = adapt(adapted, args.rank)
     factored = fisher_diagonal(adapted, batches, "sampled", factored=layers, seed=0)
 
@@ -89,6 +90,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     totals = {"dense": 0.0, "factored": 0.0, "dense_rand": 0.0, "factored_rand": 0.0}
     frob_num = frob_den = 0.0
+    ranges: dict[str, list[float]] = {"entries": [], "trained": [], "random": []}
     for name in names:
         f = dense.diagonal[name]  # (out, in)
         uv = factored.factor_matrix(name)  # (out, in)
@@ -105,6 +107,9 @@ def main() -> None:
         totals["factored"] += pen[1]
         totals["dense_rand"] += pen_r[0]
         totals["factored_rand"] += pen_r[1]
+        ranges["entries"].append(100 * err)
+        ranges["trained"].append(100 * (pen[1] / pen[0] - 1))
+        ranges["random"].append(100 * (pen_r[1] / pen_r[0] - 1))
         print(
             f"| {name} | {tuple(f.shape)} | {100 * err:.0f}% | {100 * (pen[1] / pen[0] - 1):+.1f}% | "
             f"{100 * (pen_r[1] / pen_r[0] - 1):+.1f}% |"
@@ -114,6 +119,7 @@ def main() -> None:
         f"{100 * (totals['factored'] / totals['dense'] - 1):+.1f}% | "
         f"{100 * (totals['factored_rand'] / totals['dense_rand'] - 1):+.1f}% |"
     )
+    print("| range over layers | | " + " | ".join(f"{min(v):+.1f}% .. {max(v):+.1f}%" for v in ranges.values()) + " |")
     dense_bytes = sum(v.numel() * 4 for v in dense.diagonal.values())
     factor_bytes = fisher_bytes(factored)
     targets = find_targets(adapted)
