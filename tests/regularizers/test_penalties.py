@@ -129,3 +129,24 @@ def test_online_combination_keeps_row_and_column_sums():
     assert both.tokens == 8
     with pytest.raises(ValueError, match="different parameters"):
         old.combined(Fisher({"v": torch.ones(2)}), decay=1.0)
+
+
+def test_an_adapter_that_is_neither_low_rank_nor_mergeable_is_held_on_its_own_parameters():
+    class Gate(nn.Module):
+        """A made-up adapter: scales a frozen layer's output by a trainable vector (no weight change expresses it)."""
+
+        def __init__(self, base: nn.Linear) -> None:
+            super().__init__()
+            self.base_layer = base.requires_grad_(False)
+            self.gate = nn.Parameter(torch.ones(base.out_features))
+            self.disabled = False
+
+        def adapter_params(self) -> list[str]:
+            return ["gate"]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.base_layer(x) * (1 if self.disabled else self.gate)
+
+    model = nn.Sequential(Gate(nn.Linear(4, 3)), LoRALinear(nn.Linear(3, 2), r=1, alpha=1))
+    targets = find_targets(model)
+    assert list(targets.dense) == ["0.gate"] and list(targets.lowrank) == ["1"] and not targets.mergeable
