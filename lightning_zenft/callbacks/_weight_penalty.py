@@ -16,7 +16,9 @@ that starts at ``B = 0`` needs no anchor at all.
 Under FSDP2 (``ModelParallelStrategy``) parameters and gradients are ``DTensor`` shards: anchors, Fisher and the
 added gradient are the local shards, and the logged value is summed over ranks. LoRA factors are gathered (they are
 small) for the ``r x r`` products and the gradient's local rows are added. DeepSpeed and FSDP1 are refused: DeepSpeed
-keeps gradients inside its engine, and FSDP1's flat parameters have no test here (that needs a GPU).
+keeps gradients inside its engine, and FSDP1's flat parameters have no test here (that needs a GPU). Any precision
+works: anchors and Fisher are fp32, the penalty's gradient is computed in fp32 and added in the gradient's dtype, and
+with fp16 AMP the gradients are already unscaled when the hook runs.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ class WeightPenalty(Callback):
         self.targets = targets
         self._optimized.clear()
         if self._restored is not None:
-            self._install(self._restored, pl_module)
+            self.load_tensor_state(self._restored, pl_module)
             self._restored = None
             return
         self.task_count += 1
@@ -361,9 +363,6 @@ class WeightPenalty(Callback):
         for name, values in state["mergeable_anchors"].items():
             params = adapter_parameters(self.targets.mergeable[name])
             self.mergeable_anchors[name] = {k: v.float().to(params[k].device) for k, v in values.items()}
-
-    def _install(self, restored: dict[str, Any], pl_module: pl.LightningModule) -> None:
-        self.load_tensor_state(restored, pl_module)
 
     @override
     def on_save_checkpoint(
