@@ -83,3 +83,16 @@ def test_dora_penalties_act_on_the_merged_weight_change(tmp_path, penalty):
         wants = torch.autograd.grad(value, (a, b, m))
         for key, want in zip(keys, wants, strict=True):
             torch.testing.assert_close(added[key], want, rtol=1e-3, atol=1e-7)
+
+
+def test_bf16_weights_get_the_penalty_in_their_gradient_dtype(tmp_path):
+    l2sp = L2SP(strength=0.7)
+    module = LM(pretrained_model(), task_batches(n=16, seed=1), lr=3e-2)
+    before, after = GradProbe(), GradProbe()
+    make_trainer(tmp_path, [before, l2sp, after], max_steps=3, precision="bf16-true").fit(module)
+    for name, theta in before.params[2].items():
+        assert theta.dtype == torch.bfloat16 and l2sp.anchors[name].dtype == torch.float32
+        want = before.grads[2][name].float() + 0.7 * (theta.float() - l2sp.anchors[name])  # fp32 math
+        got = after.grads[2][name]
+        assert got.dtype == torch.bfloat16
+        assert ((got.float() - want).abs() <= 2**-8 * want.abs() + 1e-30).all(), name  # one bf16 rounding
