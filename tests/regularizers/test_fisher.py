@@ -138,6 +138,7 @@ def test_lm_fisher_does_not_depend_on_batching_and_counts_target_tokens(estimato
         torch.testing.assert_close(three.diagonal[name], value, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_lm_sampled_units_are_unbiased_for_the_exact_fisher():
     """Sequence-level draws (one backward per example) and token-level draws both converge to the exact Fisher."""
     model = tiny_model("llama")
