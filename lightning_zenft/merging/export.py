@@ -37,7 +37,6 @@ from lightning_zenft.merging.adapters import (
     base_dense_weight,
 )
 from lightning_zenft.merging.quantized import QuantizationError, quantization_error, quantize_like, state_shape
-from lightning_zenft.merging.safetensors_io import TensorEntry
 from lightning_zenft.merging.streaming import (
     atomic_directory,
     check_destination,
@@ -46,6 +45,7 @@ from lightning_zenft.merging.streaming import (
     progress_bar,
     write_sharded,
 )
+from lightning_zenft.safetensors_io import TensorEntry
 
 
 @dataclass

@@ -27,7 +27,6 @@ import ctypes
 import functools
 import json
 import re
-import struct
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,19 +40,7 @@ from torch import nn
 
 from lightning_zenft.precision.quantize import CHUNK, QuantSpec, quantize_chunks, to_linear4bit
 from lightning_zenft.precision.select import ModuleSpec, plan_quantization
-
-_ST_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+from lightning_zenft.safetensors_io import SafetensorsReader
 
 
 @functools.cache
@@ -104,48 +91,6 @@ def safetensors_files(directory: str | Path) -> list[Path]:
     )
 
 
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """The safetensors header of ``path`` (``{name: {dtype, shape, data_offsets}}``) and where the data starts."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header, 8 + size
-
-
-def read_chunks(path: Path, entry: dict[str, Any], data_start: int, chunk: int) -> Iterator[torch.Tensor]:
-    """One floating tensor of a safetensors file as flat chunks of ``chunk`` values, read through one reused buffer."""
-    dtype = _ST_DTYPES.get(entry["dtype"])
-    if dtype is None or not dtype.is_floating_point:
-        raise ValueError(f"{path}: a {entry['dtype']} tensor cannot be quantized.")
-    start, end = entry["data_offsets"]
-    size = torch.empty(0, dtype=dtype).element_size()
-    buffer = bytearray(min(end - start, chunk * size))
-    with open(path, "rb") as f:
-        f.seek(data_start + start)
-        for offset in range(start, end, len(buffer)):
-            view = memoryview(buffer)[: min(len(buffer), end - offset)]
-            if f.readinto(view) != len(view):
-                raise OSError(f"{path} is truncated: could not read {len(view)} bytes at offset {data_start + offset}.")
-            yield torch.frombuffer(view, dtype=torch.uint8).view(dtype)  # (<= chunk,)
-
-
-def read_tensor(path: Path, entry: dict[str, Any], data_start: int) -> torch.Tensor:
-    """One tensor of a safetensors file, read into fresh memory (no memory map)."""
-    dtype = _ST_DTYPES.get(entry["dtype"])
-    if dtype is None:
-        raise ValueError(f"{path}: tensor dtype {entry['dtype']} is not supported by the low-memory loader.")
-    start, end = entry["data_offsets"]
-    buffer = bytearray(end - start)
-    with open(path, "rb") as f:
-        f.seek(data_start + start)
-        if f.readinto(buffer) != end - start:
-            raise OSError(f"{path} is truncated: could not read {end - start} bytes at offset {data_start + start}.")
-    if not buffer:
-        return torch.empty(entry["shape"], dtype=dtype)
-    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(entry["shape"])
-
-
 @dataclass(frozen=True)
 class SourceWeight:
     """Where a 4-bit layer's full-precision weight lives on disk, so LoftQ can read it back (one tensor)."""
@@ -154,8 +99,7 @@ class SourceWeight:
     key: str
 
     def read(self) -> torch.Tensor:
-        header, data_start = read_header(self.path)
-        return read_tensor(self.path, header[self.key], data_start)
+        return SafetensorsReader(self.path).read(self.key)
 
 
 def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
@@ -225,21 +169,24 @@ def load_pretrained_4bit(
     seen: set[str] = set()
     unexpected: list[str] = []
     for path in files:
-        header, data_start = read_header(path)
-        for key, entry in header.items():
+        reader = SafetensorsReader(path)
+        for key in reader.keys():
+            entry = reader.entries[key]
             layer_name, _, attr = key.rpartition(".")
             if key not in expected:
                 if not any(re.search(pattern, key) for pattern in ignore):
                     unexpected.append(key)
                 continue
             if layer_name in targets and attr == "weight":
-                chunks = (part.to(device) for part in read_chunks(path, entry, data_start, chunk))
-                weight = quantize_chunks(chunks, tuple(entry["shape"]), spec)
+                if not entry.dtype.is_floating_point:
+                    raise ValueError(f"{path}: {key} is a {entry.dtype} tensor, which cannot be quantized.")
+                chunks = (part.to(device) for part in reader.read_chunks(key, chunk))
+                weight = quantize_chunks(chunks, entry.shape, spec)
                 layer = to_linear4bit(model.get_submodule(layer_name), spec, weight=weight)
                 layer.source_weight = SourceWeight(path, key)
                 _replace(model, layer_name, layer)
             else:
-                tensor = read_tensor(path, entry, data_start)
+                tensor = reader.read(key)
                 target_dtype = dtype if tensor.is_floating_point() else tensor.dtype
                 _set_tensor(model, key, tensor.to(device=device, dtype=target_dtype))
                 del tensor
