@@ -26,8 +26,8 @@ from lightning_zenft import LoRA
 
 def _fit(root: Path, devices: int) -> None:
     module = InOrderCounter(devices)
-    torch.manual_seed(0)  # LoRA's A init; forked ranks inherit this state, and DDP broadcasts rank 0's weights
-    strategy = "ddp_fork" if devices > 1 else "auto"
+    torch.manual_seed(0)  # LoRA's A init, the same on every rank (DDP would broadcast rank 0's weights anyway)
+    strategy = "ddp" if devices > 1 else "auto"
     callbacks = [LoRA(r=4, alpha=8), distributed_monitor(), DumpHistory(root)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -61,9 +61,29 @@ def _check(one: dict, root: Path) -> None:
     assert [s.name for s in stops] == [f"forgetting-stop-step={two['global_step']}.ckpt"]  # one, renamed into place
 
 
+def _launcher_env(rank: int, port: int) -> None:
+    # the variables a launcher sets, so Lightning starts no processes of its own
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0"}
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+
+
+def _ddp_rank(rank: int, port: int, root: str) -> None:
+    _launcher_env(rank, port)
+    _fit(Path(root), devices=2)
+
+
+def _launch(worker, root: Path) -> None:
+    # spawned, not forked: a child forked from a parent whose OpenMP pool is running can hang in its first parallel op
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(worker, args=(port, str(root)), nprocs=2, join=True, start_method="spawn")
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_measure_what_one_process_measures(tmp_path, one_process):
-    _fit(tmp_path, devices=2)
+    _launch(_ddp_rank, tmp_path)
     _check(one_process, tmp_path)
     assert (
         torch.load(tmp_path / "forgetting" / os.listdir(tmp_path / "forgetting")[0], weights_only=False)["global_step"]
@@ -84,9 +104,7 @@ class ShardedCounter(InOrderCounter):
 
 
 def _fsdp_rank(rank: int, port: int, root: str) -> None:
-    # a forked process per rank with the variables a launcher sets, so Lightning starts no processes of its own
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "NODE_RANK": "0"}
-    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    _launcher_env(rank, port)
     module = ShardedCounter(2)
     torch.manual_seed(0)  # after building the module: the same LoRA init as the one-process run
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
@@ -99,8 +117,5 @@ def _fsdp_rank(rank: int, port: int, root: str) -> None:
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_measure_what_one_process_measures(tmp_path, one_process):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_fsdp_rank, args=(port, str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    _launch(_fsdp_rank, tmp_path)
     _check(one_process, tmp_path)

@@ -70,8 +70,8 @@ def _free_port() -> int:
 
 
 def test_two_process_reduction_equals_one_process(tmp_path):
-    # forked workers inherit the imported modules (spawned ones would import torch and the package again: seconds)
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    # spawned, not forked: a child forked from a parent whose OpenMP pool is running can hang in its first parallel op
+    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     single = _compute(slice(None))
     assert results[0] == results[1]  # every rank sees the reduced value
