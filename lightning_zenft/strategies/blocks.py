@@ -134,10 +134,13 @@ def checkpoint_blocks(pl_module: nn.Module, blocks: list[nn.Module]) -> dict[str
     from torch.distributed._composable import checkpoint
 
     for module in pl_module.modules():
-        enable = getattr(module, "gradient_checkpointing_enable", None)
-        if callable(enable) and getattr(module, "supports_gradient_checkpointing", False):
-            if not getattr(module, "is_gradient_checkpointing", False):
-                enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not getattr(module, "supports_gradient_checkpointing", False):
+            continue
+        if callable(getattr(module, "activation_checkpointing_enable", None)):  # transformers >= 5
+            if not module.is_activation_checkpointing:
+                module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif callable(getattr(module, "gradient_checkpointing_enable", None)) and not module.is_gradient_checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ways = {"transformers": 0, "torch": 0}
     for block in blocks:
         if getattr(block, "gradient_checkpointing", False) is True:

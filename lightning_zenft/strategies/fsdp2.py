@@ -109,6 +109,11 @@ class FSDP2Strategy(ModelParallelStrategy):
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
+        if self.cpu_offload and self.root_device.type == "cpu":
+            raise ValueError(
+                "FSDP2Strategy(cpu_offload=True) moves shards from an accelerator to the CPU, but the Trainer runs on "
+                "the CPU already: set cpu_offload=False, or train on GPUs (accelerator='gpu')."
+            )
         self.accelerator.setup(trainer)
         _refuse_manual_sharding(self.model)
         _materialize_distributed_module(self.model, self.root_device)

@@ -286,9 +286,9 @@ class OwnParameter(ShardLM):
         self.temperature = torch.nn.Parameter(torch.ones(()))
 
 
-def _error_of(module: ShardLM, root: Path, callbacks: list[L.Callback], ckpt: Path | None = None) -> str:
+def _error_of(module: ShardLM, root: Path, callbacks: list[L.Callback], ckpt: Path | None = None, **kw: Any) -> str:
     try:
-        trainer(2, 1, callbacks, root).fit(module, ckpt_path=ckpt)
+        trainer(2, 1, callbacks, root, **kw).fit(module, ckpt_path=ckpt)
     except (RuntimeError, ValueError) as err:
         return f"{type(err).__name__}: {err}"
     return "no error"
@@ -306,6 +306,7 @@ def scenario_refusals(devices: int, root: Path, sharded_ckpt: str) -> dict[str, 
         "manual": _error_of(ShardsItself(), root / "manual", []),
         "own_parameter": _error_of(OwnParameter(), root / "own", []),
         "other_rank": _error_of(ShardLM(), root / "rank", [LoRA(r=2, alpha=8)], ckpt=Path(sharded_ckpt)),
+        "offload_on_cpu": _error_of(ShardLM(), root / "offload", [], cpu_offload=True),
     }
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -322,6 +323,29 @@ def scenario_refusals(devices: int, root: Path, sharded_ckpt: str) -> dict[str, 
     return out
 
 
+def scenario_example(devices: int, root: Path) -> dict[str, Any]:
+    """``examples/fsdp_full_finetune.py`` on CPU processes for 2 steps; the gathered weights it saved, and the
+    sharded model's weights gathered here, for comparison."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "fsdp_full_finetune.py"
+    spec = importlib.util.spec_from_file_location("fsdp_full_finetune", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    captured: dict[str, Any] = {}
+    original = example.save_gathered
+
+    def save_and_keep(trainer: L.Trainer, module: L.LightningModule, out: Path) -> Path | None:
+        captured["params"] = {n: whole(p) for n, p in module.model.named_parameters()}
+        return original(trainer, module, out)
+
+    example.save_gathered = save_and_keep
+    argv = ["--accelerator", "cpu", "--devices", str(devices), "--max-steps", "2", "--max-length", "32"]
+    argv += ["--batch-size", "2", "--mixed-precision", "none", "--learning-rate", "1e-3", "--out", str(root / "ex")]
+    report = example.main(argv)
+    return {"report": report, "params": captured["params"]}
+
+
 def main() -> None:
     devices, out = int(sys.argv[1]), Path(sys.argv[2])
     single_ckpt = Path(sys.argv[3]) if len(sys.argv) > 3 else None
@@ -333,6 +357,7 @@ def main() -> None:
         "bf16": scenario_bf16(devices, out),
         "memory": scenario_memory(devices, out),
         "yaml": scenario_yaml(devices, out),
+        "example": scenario_example(devices, out),
     }
     results["refusals"] = scenario_refusals(devices, out, results["lora"]["sharded"]["path"])
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:

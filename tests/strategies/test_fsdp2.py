@@ -225,6 +225,22 @@ def test_refusals(run):
     assert "already applied fully_shard" in refused["manual"] and "model.layers.0" in refused["manual"]
     assert "holds parameters directly (['temperature'])" in refused["own_parameter"]
     assert "differ in shape" in refused["other_rank"] and "saved (4, 32) vs model (2, 32)" in refused["other_rank"]
+    assert "cpu_offload=True" in refused["offload_on_cpu"] and "runs on the CPU already" in refused["offload_on_cpu"]
     layer = refused["dtensor_layer"]
     assert "DTensors outside any FSDP2 unit" in layer["skipped"][""]
     assert any("DTensors outside any FSDP2 unit" in w for w in layer["warnings"])
+
+
+def test_the_full_finetune_example_saves_the_gathered_weights(run):
+    from transformers import AutoModelForCausalLM
+
+    example = run["example"]
+    report = example["report"]
+    assert report["world_size"] == 2 and report["steps"] == 2 and report["units"] == 5
+    saved = AutoModelForCausalLM.from_pretrained(report["saved_to"], dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(run["yaml"]["model_dir"], dtype=torch.float32)
+    changed = 0
+    for name, value in saved.named_parameters():
+        assert torch.equal(value.detach(), example["params"][name]), name  # gathered from the two shards
+        changed += not torch.equal(value, base.get_parameter(name))
+    assert changed == len(list(saved.parameters()))  # every weight trained
