@@ -112,7 +112,8 @@ def check_keys(
         missing = sorted(required - set(saved))
         unexpected = sorted(set(saved) - set(current))
         if missing:
-            problems.append(f"{len(missing)} trained tensors are missing (e.g. {missing[:3]})")
+            kind = "trained tensors" if keys is not None else "tensors"
+            problems.append(f"{len(missing)} {kind} are missing (e.g. {missing[:3]})")
         if unexpected:
             problems.append(f"{len(unexpected)} tensors are not in the model (e.g. {unexpected[:3]})")
     if problems:

@@ -109,7 +109,8 @@ class FSDP1Strategy(FSDPStrategy):
 
     Args:
         block_classes: the sharding units: ``"auto"`` (the model's ``_no_split_modules``) or class names.
-        mixed_precision: ``"bf16"`` (parameters gathered and computed in bf16, gradients reduced in fp32) or ``None``.
+        mixed_precision: ``"bf16"`` (parameters gathered and computed in bf16, gradients reduced in fp32) or ``None``
+            (the Trainer's ``precision=`` decides, as with Lightning's ``FSDPStrategy``).
         activation_checkpointing: recompute each block's activations in backward.
         cpu_offload: keep parameter shards on the CPU.
         state_dict: ``"sharded"`` (a checkpoint directory of shards) or ``"full"`` (one file from rank 0).
@@ -148,10 +149,14 @@ class FSDP1Strategy(FSDPStrategy):
             precision = MixedPrecision(
                 param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.bfloat16
             )
+        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+
+        self.plan: UnitPlan | None = None
         super().__init__(
             process_group_backend=process_group_backend,
             cpu_offload=cpu_offload,
             mixed_precision=precision,
+            auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=self._wraps),
             sharding_strategy=sharding_strategy,
             state_dict_type=state_dict,
             use_orig_params=True,
@@ -161,12 +166,15 @@ class FSDP1Strategy(FSDPStrategy):
         self.activation_checkpointing = activation_checkpointing
         self.state_dict_kind: Literal["sharded", "full"] = state_dict
         self.cast_frozen = cast_frozen
-        self.plan: UnitPlan | None = None
+
+    def _wraps(self, module: nn.Module) -> bool:
+        """The wrap policy: the units of :attr:`plan`, made at setup from the model."""
+        if self.plan is None:
+            raise RuntimeError("FSDP1Strategy: the model was wrapped before its units were planned.")
+        return id(module) in self.plan.wrap
 
     @override
     def _setup_model(self, model: nn.Module) -> nn.Module:
-        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
-
         pl_module = self.lightning_module
         assert pl_module is not None
         classes = resolve_block_classes(pl_module, self.block_classes)
@@ -177,9 +185,6 @@ class FSDP1Strategy(FSDPStrategy):
                 for p in pl_module.parameters():
                     if plan.unit_of[id(p)] in plan.frozen_units and p.is_floating_point():
                         p.data = p.data.to(torch.bfloat16)
-        self.kwargs["auto_wrap_policy"] = functools.partial(
-            lambda_auto_wrap_policy, lambda_fn=lambda m: id(m) in plan.wrap
-        )
         if self.activation_checkpointing:
             block_types = tuple(classes)
             self._activation_checkpointing_kwargs = {"check_fn": lambda m: isinstance(m, block_types)}

@@ -45,7 +45,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     Args:
         block_classes: the sharding units: ``"auto"`` (the model's ``_no_split_modules``) or class names.
         mixed_precision: ``"bf16"`` (parameters gathered and computed in bf16, gradients reduced in fp32, frozen
-            weights stored in bf16) or ``None`` (every parameter in its own dtype).
+            weights stored in bf16) or ``None`` (every parameter in its own dtype; the Trainer's ``precision=``, e.g.
+            ``"bf16-mixed"`` autocast, still applies).
         activation_checkpointing: recompute each block's activations in backward instead of keeping them.
         cpu_offload: keep parameter shards, gradients and optimizer states in CPU memory (the optimizer steps on CPU).
         state_dict: ``"sharded"`` (each rank writes its shards into a checkpoint directory) or ``"full"`` (rank 0
