@@ -122,14 +122,15 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
-def checkpoint_blocks(pl_module: nn.Module, blocks: list[nn.Module]) -> dict[str, int]:
+def checkpoint_blocks(pl_module: nn.Module, blocks: list[nn.Module], torch_fallback: bool = True) -> dict[str, int]:
     """Recompute each block's activations in backward instead of keeping them; returns how many blocks each way.
 
     Hugging Face models (``transformers`` 5) checkpoint their own layers' ``forward`` through
     ``gradient_checkpointing_enable``, which also turns the KV cache off while a checkpointed layer trains (a cache
     written again during the recomputation would double its keys), and keeps FSDP's hooks outside the recomputation:
     it is used for the blocks it covers (non-reentrant). Other blocks get torch's composable ``checkpoint``, which
-    keeps parameter names and state-dict keys unchanged.
+    keeps parameter names and state-dict keys unchanged (unless ``torch_fallback=False``: then they are only counted,
+    as ``"other"``, for the caller to checkpoint).
     """
     from torch.distributed._composable import checkpoint
 
@@ -141,13 +142,15 @@ def checkpoint_blocks(pl_module: nn.Module, blocks: list[nn.Module]) -> dict[str
                 module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         elif callable(getattr(module, "gradient_checkpointing_enable", None)) and not module.is_gradient_checkpointing:
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ways = {"transformers": 0, "torch": 0}
+    ways = {"transformers": 0, "torch": 0, "other": 0}
     for block in blocks:
         if getattr(block, "gradient_checkpointing", False) is True:
             ways["transformers"] += 1
-        else:
+        elif torch_fallback:
             checkpoint(block)
             ways["torch"] += 1
+        else:
+            ways["other"] += 1
     return ways
 
 

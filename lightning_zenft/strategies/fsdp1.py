@@ -26,7 +26,7 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_zenft.strategies import checkpoints
-from lightning_zenft.strategies.blocks import BlockClasses, resolve_block_classes, trained_leaf
+from lightning_zenft.strategies.blocks import BlockClasses, checkpoint_blocks, resolve_block_classes, trained_leaf
 from lightning_zenft.strategies.options import MixedPrecisionName, StateDictName, check_options
 
 
@@ -185,9 +185,13 @@ class FSDP1Strategy(FSDPStrategy):
                 for p in pl_module.parameters():
                     if plan.unit_of[id(p)] in plan.frozen_units and p.is_floating_point():
                         p.data = p.data.to(torch.bfloat16)
-        if self.activation_checkpointing:
+        if self.activation_checkpointing:  # Hugging Face layers checkpoint themselves; others get Lightning's wrapper
             block_types = tuple(classes)
-            self._activation_checkpointing_kwargs = {"check_fn": lambda m: isinstance(m, block_types)}
+            blocks = [m for m in pl_module.modules() if isinstance(m, block_types)]
+            checkpoint_blocks(pl_module, blocks, torch_fallback=False)
+            rest = {id(b) for b in blocks if getattr(b, "gradient_checkpointing", False) is not True}
+            if rest:
+                self._activation_checkpointing_kwargs = {"check_fn": lambda m: id(m) in rest}
         if plan.mixed:
             rank_zero_info(
                 f"FSDP1Strategy: units {plan.mixed[:3]} hold frozen and trained parameters in one flat parameter, so "

@@ -64,12 +64,24 @@ class ShardLM(L.LightningModule):
         return DataLoader(data, batch_size=4 // world, sampler=sampler)  # rank r: examples r, r + 2, ...
 
 
-def trainer(devices: int, steps: int, callbacks: list[L.Callback], root: Path, **strategy: Any) -> L.Trainer:
+def trainer(
+    devices: int,
+    steps: int,
+    callbacks: list[L.Callback],
+    root: Path,
+    accelerator: str = "cpu",
+    strategy: type[L.pytorch.strategies.Strategy] | None = None,
+    **options: Any,
+) -> L.Trainer:
+    """A Trainer on ``devices`` processes: ``strategy`` (FSDP2Strategy on more than one device) with ``options``
+    (``mixed_precision=None`` unless given), or Lightning's default strategy on one device."""
     kwargs: dict[str, Any] = {}
-    if devices > 1:
-        kwargs["strategy"] = FSDP2Strategy(**{"mixed_precision": None, **strategy})
+    if strategy is None and devices > 1:
+        strategy = FSDP2Strategy
+    if strategy is not None:
+        kwargs["strategy"] = strategy(**{"mixed_precision": None, **options})
     return L.Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=devices,
         max_steps=steps,
         logger=False,

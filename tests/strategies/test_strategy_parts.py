@@ -156,7 +156,12 @@ def test_checkpointing_plain_blocks_with_torch():
     run = lambda m: m(x).square().mean()
     plain_bytes, plain_grads = _saved_and_grads(model, run)
     model.zero_grad(set_to_none=True)
-    assert checkpoint_blocks(model, list(model.blocks)) == {"transformers": 0, "torch": 3}
+    assert checkpoint_blocks(model, list(model.blocks), torch_fallback=False) == {
+        "transformers": 0,
+        "torch": 0,
+        "other": 3,
+    }
+    assert checkpoint_blocks(model, list(model.blocks)) == {"transformers": 0, "torch": 3, "other": 0}
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in Plain().named_parameters()]  # names kept
     ckpt_bytes, ckpt_grads = _saved_and_grads(model, run)
     assert ckpt_bytes < 0.5 * plain_bytes
@@ -171,7 +176,7 @@ def test_checkpointing_hugging_face_layers_turns_the_cache_off_while_training():
     plain_bytes, plain_grads = _saved_and_grads(model, run)
     model.zero_grad(set_to_none=True)
     ways = checkpoint_blocks(model, list(model.model.layers))
-    assert ways == {"transformers": 2, "torch": 0}
+    assert ways == {"transformers": 2, "torch": 0, "other": 0}
     ckpt_bytes, ckpt_grads = _saved_and_grads(model, run)
     assert ckpt_bytes < 0.5 * plain_bytes
     for name, grad in plain_grads.items():
