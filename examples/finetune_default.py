@@ -3,7 +3,9 @@
     python examples/finetune_default.py [--max-steps 150] [--out out/default]
 
 It prints the task loss going down, the change of the loss on held-out general text (what the fine-tune cost the
-base model), a sample answer before and after, and where the PEFT-format adapter was saved.
+base model), a sample answer before and after, and where the PEFT-format adapter was saved. A ForgettingMonitor
+measures the built-in probes (held-out general text, Python questions) every 25 steps and draws the curves into
+<out>/forgetting_curves.png.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_zenft import CausalLMModule, LoRA, SaveAdapter, TextDataModule, disable_adapters, general_probe_batches
+from lightning_zenft.callbacks.forgetting_monitor import ForgettingMonitor
 from lightning_zenft.data.paths import DEFAULT_TASK_VAL_FILE
 from lightning_zenft.data.text import read_records
 
@@ -82,11 +85,14 @@ def main() -> None:
 
     out = Path(args.out)
     saver = SaveAdapter("adapter")
+    monitor = ForgettingMonitor(  # built-in probes; the task's val batches as the task probe
+        every_n_steps=25, max_drop=5.0, task_probes={"task": task_val}, plot_path="forgetting_curves.png"
+    )
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=args.max_steps,
-        callbacks=[LoRA(r=8, alpha=16, target_modules="all-linear"), saver, PrintLoss(every=25)],
+        callbacks=[LoRA(r=8, alpha=16, target_modules="all-linear"), saver, PrintLoss(every=25), monitor],
         default_root_dir=out,
         logger=False,
         enable_checkpointing=False,
@@ -107,6 +113,13 @@ def main() -> None:
     print(f"  general probe loss {general_before:.3f} -> {general_after:.3f} ({general_after - general_before:+.3f})")
     print(f"  sample: {sample['prompt']!r} -> {answer(module.model, tokenizer, sample['prompt'])!r}")
     print(f"adapter (PEFT format) saved to {saver.saved_to}")
+    first, last = monitor.history[0], monitor.history[-1]
+    for probe in last["drops"]:
+        print(
+            f"  forgetting monitor, {probe}: accuracy {first['metrics'][probe]['accuracy']:.1f} -> "
+            f"{last['metrics'][probe]['accuracy']:.1f} points (limit: a drop of {monitor.max_drop:g})"
+        )
+    print(f"  task probe accuracy {first['task']:.1f} -> {last['task']:.1f}; curves: {monitor.plot_written}")
 
 
 if __name__ == "__main__":

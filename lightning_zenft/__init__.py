@@ -6,18 +6,44 @@ from lightning_zenft.adapters import (
     LoRALinear,
     LowRankUpdate,
     Mergeable,
+    PrefixKV,
+    PromptEncoder,
+    SoftPrompt,
     Wrapping,
     disable_adapters,
     find_adapters,
     merge_adapters,
     unmerge_adapters,
 )
+from lightning_zenft.adapters.bottleneck import BottleneckAdapterLayer, ParallelAdapterLayer
+from lightning_zenft.adapters.ia3 import IA3Linear
+from lightning_zenft.adapters.reft import LoReFTLayer
 from lightning_zenft.callbacks._adapter import AdapterCallback, trainable_parameters
+from lightning_zenft.callbacks.bitfit import BitFit
+from lightning_zenft.callbacks.bottleneck import BottleneckAdapter, ParallelAdapter
 from lightning_zenft.callbacks.export import SaveAdapter
+from lightning_zenft.callbacks.forgetting_monitor import ForgettingMonitor
+from lightning_zenft.callbacks.ia3 import IA3
 from lightning_zenft.callbacks.kernels import FusedKernels
 from lightning_zenft.callbacks.lora import DoRA, LoRA
+from lightning_zenft.callbacks.mam import MAM
 from lightning_zenft.callbacks.merge import MergeAdapters
-from lightning_zenft.config import AdapterConfig, LoRAConfig
+from lightning_zenft.callbacks.pareto_checkpoint import ParetoCheckpoint
+from lightning_zenft.callbacks.prompt import PrefixTuning, PromptTuning, PTuning
+from lightning_zenft.callbacks.reft import LoReFT
+from lightning_zenft.config import (
+    AdapterConfig,
+    BitFitConfig,
+    BottleneckConfig,
+    IA3Config,
+    LoRAConfig,
+    LoReFTConfig,
+    MAMConfig,
+    ParallelAdapterConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+)
 from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, TextDataModule, general_probe_batches
 from lightning_zenft.inject import (
     AdapterPlan,
@@ -62,6 +88,8 @@ __all__ = [
     "DoRALinear",
     "FusedKernels",
     "LoRA",
+    "MAM",
+    "MAMConfig",
     "LoRAConfig",
     "LoRALinear",
     "LowRankUpdate",
@@ -93,4 +121,31 @@ __all__ = [
     "unmerge_adapters",
     "using_adapter",
     "Wrapping",
+    "ForgettingMonitor",
+    "ParetoCheckpoint",
+    "BitFit",
+    "BitFitConfig",
+    "IA3",
+    "IA3Config",
+    "IA3Linear",
+    "PrefixKV",
+    "PrefixTuning",
+    "PrefixTuningConfig",
+    "PromptEncoder",
+    "PromptTuning",
+    "PromptTuningConfig",
+    "PTuning",
+    "PTuningConfig",
+    "SoftPrompt",
+]
+__all__ += [
+    "BottleneckAdapter",
+    "BottleneckAdapterLayer",
+    "BottleneckConfig",
+    "LoReFT",
+    "LoReFTConfig",
+    "LoReFTLayer",
+    "ParallelAdapter",
+    "ParallelAdapterConfig",
+    "ParallelAdapterLayer",
 ]

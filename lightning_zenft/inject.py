@@ -33,7 +33,7 @@ from torch import nn
 from lightning_zenft.adapters import Mergeable, Wrapping, find_adapters, merge_adapters
 from lightning_zenft.config import PRESETS, AdapterConfig, pattern_value
 from lightning_zenft.registry import Method, method_for_config, method_for_module
-from lightning_zenft.targets import match_targets, module_candidates, walk
+from lightning_zenft.targets import match_targets, model_root, module_candidates, walk
 
 _NORM_HINTS = ("norm",)
 
@@ -154,9 +154,9 @@ def _plan(model: nn.Module, config: AdapterConfig, initialize: bool, include_ada
     if parts:  # a composite config: the layers of each part's plan, each built by its part's method
         return _plan_parts(model, config, method, parts, initialize, include_adapted)
     kind = config.attach_kind or method.attaches_to
-    if kind == "model":  # one module beside the model (or none: a method that only changes what trains)
+    if kind == "model":  # one module in the adapted model (none: a method that only changes what trains)
         name = config.attach_name
-        targets = [] if name is None else [name]
+        targets = [] if name is None else [_attach_path(model, name, include_adapted)]
     else:
         targets = match_targets(model, config.target_modules, config.exclude_modules, include_adapted, kind)
     if kind == "parameter":
@@ -169,6 +169,19 @@ def _plan(model: nn.Module, config: AdapterConfig, initialize: bool, include_ada
             stacklevel=3,
         )
     return plan
+
+
+def _attach_path(model: nn.Module, attach_name: str, include_adapted: bool) -> str:
+    """Where a ``"model"``-kind module goes: ``attach_name`` inside the model it adapts (:func:`model_root`)."""
+    root = model_root(model)
+    owner = model.get_submodule(root) if root else model
+    if not include_adapted and hasattr(owner, attach_name):
+        raise ValueError(
+            f"{type(owner).__name__} already has an attribute {attach_name!r} "
+            f"({type(getattr(owner, attach_name)).__name__}); an adapter of this kind is already in place or the name "
+            "is taken. Unload it first (lightning_zenft.unload_adapters(model, merge=False))."
+        )
+    return f"{root}.{attach_name}" if root else attach_name
 
 
 def _plan_parts(
@@ -245,13 +258,25 @@ def apply_plan(model: nn.Module, plan: AdapterPlan) -> None:
 
 
 def build_plan(model: nn.Module, plan: AdapterPlan) -> None:
-    """Build and swap in every module of ``plan``; a ``"model"``-kind module is built from the whole model and added
-    at its plan name."""
+    """Build and swap in every module of ``plan``; a ``"model"``-kind module is built from the model it is added to
+    (the parent of its plan name: the model it adapts, see :func:`lightning_zenft.targets.model_root`).
+
+    A module that needs something outside itself (LoReFT reads the attention mask the model was called with) has
+    ``install(model)``, called once it is in place, and ``remove()``, called before it is taken out
+    (:func:`unload_adapters`).
+    """
     for layer in plan.layers:
         method = layer.method or plan.method
         where = layer.at or layer.name
-        target = model if method.attaches_to == "model" else model.get_submodule(where)
-        _replace(model, where, method.build(target, **layer.kwargs))
+        if method.attaches_to == "model":
+            target = model.get_submodule(where.rpartition(".")[0])
+        else:
+            target = model.get_submodule(where)
+        module = method.build(target, **layer.kwargs)
+        _replace(model, where, module)
+        install = getattr(module, "install", None)
+        if callable(install):
+            install(model)
 
 
 def set_trainable_names(model: nn.Module, names: list[str]) -> None:
@@ -324,12 +349,12 @@ def unload_adapters(model: nn.Module, merge: bool = True) -> list[str]:
     for name, layer in sorted(layers, key=lambda item: -item[0].count(".")):  # nested adapters: innermost first
         if not merge and isinstance(layer, Mergeable) and layer.merged:
             layer.unmerge()
+        remove = getattr(layer, "remove", None)
+        if callable(remove):  # undo what the module installed (hooks on the model)
+            remove()
         if isinstance(layer, Wrapping):
             _replace(model, name, layer.base_layer)
-        else:  # a module beside the model (e.g. prompt tuning's): undo what it installed, then drop it
-            remove = getattr(layer, "remove", None)
-            if callable(remove):
-                remove()
+        else:  # a module beside the model (e.g. prompt tuning's): drop it
             parent_name, _, child = name.rpartition(".")
             delattr(model.get_submodule(parent_name) if parent_name else model, child)
         restored.append(name)

@@ -14,8 +14,9 @@ The format, as PEFT writes it:
 
 Our modules use PEFT's module structure (``base_layer``, ``lora_A``, ``lora_B``), so a key maps to a parameter by
 stripping the ``base_model.model.`` prefix. A method attached to the whole model (prompt tuning) names its tensors
-itself, as PEFT does (``prompt_embeddings``). Methods PEFT lacks (``peft_type=None`` in the registry) are saved in the
-same two files with a config of ours::
+itself, as PEFT does (``prompt_embeddings``, at the top level of the file), and its config's ``param_name`` maps
+such a key to the parameter it fills, relative to the method's module. Methods PEFT lacks (``peft_type=None`` in the
+registry) are saved in the same two files with a config of ours::
 
     {"format": "lightning_zenft", "method": "<registry name>", "layers": {"<module path>": {<build arguments>}},
      "base_model_name_or_path": ..., "bias": ..., "modules_to_save": [...]}
@@ -44,7 +45,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lightning_zenft.adapters import adapter_parameter_names, find_adapters
+from lightning_zenft.adapters import Wrapping, adapter_parameter_names, find_adapters
+from lightning_zenft.adapters._base import is_conv1d
 from lightning_zenft.config import AdapterConfig
 from lightning_zenft.inject import (
     AdapterPlan,
@@ -133,7 +135,8 @@ def save_adapter(
         }
     else:
         assert single is not None
-        bias, modules_to_save = _describe_extras(model, extra, [n for n, _ in layers])
+        absent = set(single.config_cls.peft_absent_keys)  # shared keys PEFT's config of the method lacks
+        bias, modules_to_save = _describe_extras(model, extra, [n for n, _ in layers], "bias" not in absent)
         for pname, p in extra.items():
             tensors[PREFIX + pname] = p.detach()
         for module_name in modules_to_save:
@@ -149,7 +152,11 @@ def save_adapter(
                 "layers_to_transform": None,
                 "layers_pattern": None,
             }
-        config |= single.config_cls.peft_config(settings)
+        # PEFT records the layout of GPT-2's Conv1D weights (fan_in_fan_out) per file
+        layouts = {n: isinstance(layer, Wrapping) and is_conv1d(layer.base_layer) for n, layer in layers}
+        config |= single.config_cls.peft_config({n: {**s, "fan_in_fan_out": layouts[n]} for n, s in settings.items()})
+        for key in absent:
+            config.pop(key, None)
     out = Path(save_directory)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomically(out / WEIGHTS_NAME, lambda path: save_file(_contiguous(tensors), path, metadata={"format": "pt"}))
@@ -185,12 +192,17 @@ def _write_atomically(path: Path, write: Any) -> None:
         raise
 
 
-def _describe_extras(model: nn.Module, extra: dict[str, nn.Parameter], adapted: list[str]) -> tuple[str, list[str]]:
-    """Express trained non-adapter parameters as PEFT's ``bias`` and ``modules_to_save`` settings."""
+def _describe_extras(
+    model: nn.Module, extra: dict[str, nn.Parameter], adapted: list[str], bias_key: bool = True
+) -> tuple[str, list[str]]:
+    """Express trained non-adapter parameters as PEFT's ``bias`` and ``modules_to_save`` settings (only the latter
+    when the method's PEFT config has no ``bias`` key: ``bias_key=False``)."""
     all_biases = {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
     lora_biases = {f"{name}.base_layer.bias" for name in adapted} & all_biases
     trained_biases = {n for n in extra if n.rsplit(".", 1)[-1] == "bias"}
-    if trained_biases and trained_biases == all_biases:
+    if not bias_key:
+        bias = "none"
+    elif trained_biases and trained_biases == all_biases:
         bias = "all"
     elif trained_biases and trained_biases == lora_biases:
         bias = "lora_only"
@@ -295,10 +307,17 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
         apply_plan(model, plan)
 
     param_name = plan.method.config_cls.param_name
-    keep = config.get("format") != OWN_FORMAT and plan.method.attaches_to == "model"  # tensors named by the method
-    state = {param_name(k if keep else _strip(k)): v for k, v in state_raw.items()}
+    if config.get("format") != OWN_FORMAT and plan.method.attaches_to == "model":
+        # the method names its tensors as PEFT does (``prompt_embeddings``); param_name gives the parameter they fill,
+        # relative to the method's module, which sits where the plan puts it
+        (module_name,) = plan.names
+        state = {f"{module_name}.{param_name(k)}": v for k, v in state_raw.items()}
+    else:
+        state = {param_name(_strip(k)): v for k, v in state_raw.items()}
     params = dict(model.named_parameters())
     expected = set(adapter_parameter_names(model))
+    if config.get("format") == OWN_FORMAT:  # our files also name every other tensor that trained
+        expected |= set(config.get("trained_parameters", []))
     missing = sorted(expected - state.keys())
     unexpected = sorted(k for k in state if k not in params)
     if missing or unexpected:

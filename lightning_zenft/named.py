@@ -114,12 +114,12 @@ def _stash(model: nn.Module, state: _Adapters) -> _Stored:
         )
     for name, layer in sorted(layers, key=lambda item: -item[0].count(".")):  # nested adapters: innermost first
         stored.modules[name] = layer
+        remove = getattr(layer, "remove", None)
+        if callable(remove):  # what the module installed on the model (hooks)
+            remove()
         if isinstance(layer, Wrapping):
             _replace(model, name, layer.base_layer)
         else:
-            remove = getattr(layer, "remove", None)
-            if callable(remove):
-                remove()
             parent, _, child = name.rpartition(".")
             delattr(model.get_submodule(parent) if parent else model, child)
     for pname, p in extras.items():
@@ -145,10 +145,14 @@ def _restore(model: nn.Module, state: _Adapters, name: str) -> None:
                 )
             device = _device(layer.base_layer)
             _replace(model, layer_name, layer.to(device) if device is not None else layer)
-        else:  # built anew from the model, then given the stored values
+            install = getattr(layer, "install", None)
+            if callable(install):  # e.g. LoReFT's hook that reads the attention mask
+                install(model)
+        else:  # a module the model holds beside its layers: built anew from that model, given the stored values
             method = method_for_module(layer)
             assert method is not None
-            fresh = method.build(model, **layer.settings())  # type: ignore[operator]
+            owner = layer_name.rpartition(".")[0]
+            fresh = method.build(model.get_submodule(owner), **layer.settings())  # type: ignore[operator]
             fresh.load_state_dict(layer.state_dict())
             _replace(model, layer_name, fresh)
     params = dict(model.named_parameters())

@@ -20,14 +20,34 @@ from typing import Any, Literal
 from torch import nn
 
 from lightning_zenft.adapters import DoRALinear, LoRALinear
+from lightning_zenft.adapters.bottleneck import BottleneckAdapterLayer, ParallelAdapterLayer
+from lightning_zenft.adapters.ia3 import IA3Linear
 from lightning_zenft.adapters.lora_param import LoRAParameter
-from lightning_zenft.config import AdapterConfig, LoRAConfig
+from lightning_zenft.adapters.prefix import PrefixKV
+from lightning_zenft.adapters.prompt import PromptEncoder, SoftPrompt
+from lightning_zenft.adapters.reft import LoReFTLayer
+from lightning_zenft.config import (
+    AdapterConfig,
+    BitFitConfig,
+    BottleneckConfig,
+    IA3Config,
+    LoRAConfig,
+    LoReFTConfig,
+    MAMConfig,
+    ParallelAdapterConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    PTuningConfig,
+)
 
-AttachesTo = Literal["linear", "embedding", "attention", "mlp", "block", "model"]
+Kind = Literal["linear", "embedding", "attention", "mlp", "block", "model"]
+AttachesTo = Kind | tuple[Kind, ...]
 """What a method's module wraps (:mod:`lightning_zenft.targets` finds the candidates): a linear layer, the input
 embedding, an attention module, a feed-forward module, a transformer block; or ``"model"``: one module beside the
 whole model, built from it and added as ``config.attach_name`` (prompt tuning), or none at all when
-``attach_name`` is None (methods that only change what trains, e.g. BitFit)."""
+``attach_name`` is None (methods that only change what trains, e.g. BitFit). A tuple of module kinds (e.g.
+``("attention", "mlp")``, bottleneck adapters) attaches to any of them: ``target_modules`` then picks among their
+candidates together (``"all"``, a kind's name, names or a regex)."""
 
 
 @dataclass(frozen=True)
@@ -115,5 +135,22 @@ def _lora_layer(
     return (DoRALinear if use_dora else LoRALinear)(base, **kwargs)
 
 
+def _no_module(model: nn.Module, **kwargs: Any) -> nn.Module:
+    raise TypeError(
+        "this method builds no module of its own: BitFit only chooses which of the model's own parameters train, and "
+        "a composite method (MAM) is built by its parts' methods."
+    )
+
+
 # ---------------------------------------------------------------------------------------------------- the methods
+_SUBLAYERS: AttachesTo = ("attention", "mlp")
 register(Method("lora", LoRAConfig, _lora_layer, "linear", (LoRALinear, LoRAParameter), peft_type="LORA"))
+register(Method("ia3", IA3Config, IA3Linear, "linear", (IA3Linear,), peft_type="IA3"))
+register(Method("bitfit", BitFitConfig, _no_module, "model", ()))
+register(Method("prompt_tuning", PromptTuningConfig, SoftPrompt, "model", (SoftPrompt,), peft_type="PROMPT_TUNING"))
+register(Method("prefix_tuning", PrefixTuningConfig, PrefixKV, "model", (PrefixKV,), peft_type="PREFIX_TUNING"))
+register(Method("p_tuning", PTuningConfig, PromptEncoder, "model", (PromptEncoder,), peft_type="P_TUNING"))
+register(Method("bottleneck", BottleneckConfig, BottleneckAdapterLayer, _SUBLAYERS, (BottleneckAdapterLayer,)))
+register(Method("parallel_adapter", ParallelAdapterConfig, ParallelAdapterLayer, _SUBLAYERS, (ParallelAdapterLayer,)))
+register(Method("loreft", LoReFTConfig, LoReFTLayer, "block", (LoReFTLayer,)))
+register(Method("mam", MAMConfig, _no_module, "model", ()))  # composite: its parts' methods build its modules

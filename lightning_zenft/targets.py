@@ -3,8 +3,9 @@
 Kinds of module a method attaches to (:data:`lightning_zenft.registry.AttachesTo`), each found generically:
 
 * ``"linear"``: every ``nn.Linear``/``Conv1D`` not part of an adapter;
-* ``"attention"``: attention modules (a module whose own name contains ``attn``/``attention``, the outermost one
-  where they nest: ``self_attn``, GPT-2's ``attn``, BERT's ``attention``);
+* ``"attention"``: attention modules (a module whose own name contains ``attn``/``attention`` and that holds linear
+  layers, the outermost one where they nest: ``self_attn``, GPT-2's ``attn``, BERT's ``attention``; not Llama's
+  ``post_attention_layernorm``);
 * ``"mlp"``: feed-forward modules (named ``mlp``, ``ffn``, ``feed_forward``...);
 * ``"block"``: the transformer blocks (the modules holding an attention module);
 * ``"embedding"``: the input embedding (``get_input_embeddings()``);
@@ -25,24 +26,32 @@ Target syntax (``target_modules`` / ``exclude_modules``):
 ``rank_pattern``/``alpha_pattern`` keys match a layer when its full name ends with the key on a dot boundary (the key
 is a regex), e.g. ``{"o_proj": 8, r"layers\\.0\\..*": 4}``.
 
-For the module kinds, the preset ``"all"`` selects every candidate of the kind.
+For the module kinds, the preset ``"all"`` selects every candidate of the kind, and a kind's name (``"attention"``,
+``"mlp"``...) selects the candidates of that kind. A method may attach to several module kinds (e.g.
+``("attention", "mlp")`` for bottleneck adapters): its candidates are theirs together, in module order, and the kind
+names pick one of them.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
+from typing import TypeAlias
 
 from torch import nn
 
 from lightning_zenft.adapters import AdapterModule, Wrapping
 from lightning_zenft.adapters._base import is_adaptable_linear
-from lightning_zenft.config import PRESETS
+from lightning_zenft.config.base import PRESETS
 
 _ATTENTION_HINTS = ("attn", "attention")
 _MLP_SEGMENTS = ("mlp", "ffn", "feed_forward", "feedforward", "intermediate", "output", "block_sparse_moe", "experts")
 _MLP_MODULES = ("mlp", "ffn", "feed_forward", "feedforward")
 KINDS = ("linear", "attention", "mlp", "block", "embedding", "parameter")
+MODULE_KINDS = ("attention", "mlp", "block", "embedding")
+
+Kind: TypeAlias = str | Sequence[str]
+"""One of :data:`KINDS`, or several module kinds (:data:`MODULE_KINDS`) at once."""
 
 
 def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -154,37 +163,60 @@ def _outermost(names: list[str]) -> list[str]:
     return [n for n in names if not any(n.startswith(other + ".") for other in names if other != n)]
 
 
-def module_candidates(model: nn.Module, kind: str, include_adapted: bool = False) -> list[str]:
+def _has_attention_name(name: str) -> bool:
+    return any(hint in name.rsplit(".", 1)[-1].lower() for hint in _ATTENTION_HINTS)
+
+
+def _kinds(kind: Kind) -> tuple[str, ...]:
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    bad = [k for k in kinds if k not in KINDS]
+    if bad or not kinds or (len(kinds) > 1 and any(k not in MODULE_KINDS for k in kinds)):
+        raise ValueError(f"unknown module kind {kind!r}; one of {KINDS}, or several of {MODULE_KINDS}.")
+    return kinds
+
+
+def _positions(model: nn.Module, include_adapted: bool) -> dict[str, nn.Module]:
+    """Module name -> the module whose kind decides, in module order: adapters and linear layers left out, or (with
+    ``include_adapted``) a wrapping adapter counted as the module it wraps, whose submodules count as if unwrapped."""
+    position: dict[str, nn.Module] = {}
+    for name, module in walk(model):
+        if isinstance(module, AdapterModule):
+            if include_adapted and isinstance(module, Wrapping):
+                position[name] = module.base_layer
+                inner = _positions(module.base_layer, include_adapted=True)
+                position.update({f"{name}.{sub}": m for sub, m in inner.items()})
+        elif not is_adaptable_linear(module):
+            position[name] = module
+    return position
+
+
+def module_candidates(model: nn.Module, kind: Kind, include_adapted: bool = False) -> list[str]:
     """Names of the modules of ``kind`` (see the module docstring) in ``model``, in module order.
 
     ``include_adapted``: a module already wrapped by an adapter counts at its position.
     """
+    kinds = _kinds(kind)
+    if len(kinds) > 1:
+        found = {name for k in kinds for name in module_candidates(model, k, include_adapted)}
+        return [name for name in _positions(model, include_adapted) if name in found]
+    (kind,) = kinds
     if kind == "linear":
         return linear_layer_names(model, include_adapted)
     if kind == "parameter":
         return expert_parameter_names(model, include_adapted)
-    named = list(walk(model))
-    position = {}  # name -> the module whose kind decides (the wrapped one for an adapter)
-    for name, module in named:
-        if isinstance(module, AdapterModule):
-            if include_adapted and isinstance(module, Wrapping):
-                position[name] = module.base_layer
-        elif not is_adaptable_linear(module):
-            position[name] = module
+    position = _positions(model, include_adapted)
     if kind == "embedding":
         getter = getattr(model, "get_input_embeddings", None)
         embedding = getter() if callable(getter) else None
         return [n for n, m in position.items() if m is embedding or (embedding is None and isinstance(m, nn.Embedding))]
-    attention = _outermost(
-        [n for n in position if any(h in n.rsplit(".", 1)[-1].lower() for h in _ATTENTION_HINTS)]
+    attention = _outermost(  # holding linear layers: a norm named after attention (post_attention_layernorm) is not one
+        [n for n, m in position.items() if _has_attention_name(n) and any(map(is_adaptable_linear, m.modules()))]
     )
     if kind == "attention":
         return attention
     if kind == "mlp":
         return _outermost([n for n in position if n.rsplit(".", 1)[-1].lower() in _MLP_MODULES])
-    if kind == "block":
-        return _outermost(sorted({n.rsplit(".", 1)[0] for n in attention if "." in n}, key=list(position).index))
-    raise ValueError(f"unknown module kind {kind!r}; one of {KINDS}.")
+    return _outermost(sorted({n.rsplit(".", 1)[0] for n in attention if "." in n}, key=list(position).index))
 
 
 def match_targets(
@@ -192,9 +224,10 @@ def match_targets(
     target_modules: str | Sequence[str],
     exclude_modules: str | Sequence[str] | None = None,
     include_adapted: bool = False,
-    kind: str = "linear",
+    kind: Kind = "linear",
 ) -> list[str]:
-    """Resolve a target spec to the full names of the modules of ``kind`` it selects, in module order.
+    """Resolve a target spec to the full names of the modules of ``kind`` (one kind, or several module kinds) it
+    selects, in module order.
 
     ``include_adapted``: modules already wrapped by an adapter count at their position (to plan on an adapted model).
 
@@ -249,27 +282,56 @@ def _match_modules(
     target_modules: str | Sequence[str],
     exclude_modules: str | Sequence[str] | None,
     include_adapted: bool,
-    kind: str,
+    kind: Kind,
 ) -> list[str]:
-    names = module_candidates(model, kind, include_adapted)
+    kinds = _kinds(kind)
+    what = " or ".join(kinds)
+    names = module_candidates(model, kinds, include_adapted)
     if not names:
+        looked = "; ".join(_KIND_HELP[k] for k in kinds)
         raise ValueError(
-            f"{type(model).__name__} has no {kind} modules to adapt (looked for {_KIND_HELP[kind]}). Name the modules "
+            f"{type(model).__name__} has no {what} modules to adapt (looked for {looked}). Name the modules "
             "in target_modules only if they are of that kind."
         )
     if target_modules == "all":
         selected = list(names)
+    elif isinstance(target_modules, str) and target_modules in kinds:  # a kind's name: its candidates
+        of_kind = set(module_candidates(model, target_modules, include_adapted))
+        selected = [n for n in names if n in of_kind]
     else:
         selected = [n for n in names if name_matches(n, target_modules)]
     if exclude_modules:
         selected = [n for n in selected if not name_matches(n, exclude_modules)]
     if not selected:
+        presets = ", ".join(repr(p) for p in ("all", *kinds))
         raise ValueError(
-            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no {kind} module of "
-            f"{type(model).__name__}. Its {kind} modules: {_describe(names)}. Use 'all', a list of these names or "
+            f"target_modules={target_modules!r} (exclude_modules={exclude_modules!r}) matches no {what} module of "
+            f"{type(model).__name__}. Its {what} modules: {_describe(names)}. Use {presets}, a list of these names or "
             f"suffixes, or a regex over the full names.{_regex_hint(target_modules, names)}"
         )
     return selected
+
+
+def model_root(model: nn.Module) -> str:
+    """The name, inside ``model``, of the model a ``"model"``-kind method adapts: the outermost module with input
+    embeddings (a ``get_input_embeddings`` method, as every ``transformers`` model has); ``""`` for ``model`` itself,
+    also when no module has them (the method's module then says what it needs).
+
+    A LightningModule holding a causal LM in ``.model`` gives ``"model"``; the causal LM itself gives ``""``.
+
+    Raises:
+        ValueError: when several modules qualify (e.g. a student and a teacher model).
+    """
+    if callable(getattr(model, "get_input_embeddings", None)):
+        return ""
+    found = _outermost([n for n, m in walk(model) if callable(getattr(m, "get_input_embeddings", None))])
+    if len(found) > 1:
+        raise ValueError(
+            f"{type(model).__name__} holds {len(found)} models with input embeddings ({found}); a method attached to "
+            "the whole model cannot tell which one to adapt. Inject into that model directly "
+            "(lightning_zenft.inject_adapters(module.<name>, config))."
+        )
+    return found[0] if found else ""
 
 
 _KIND_HELP = {
@@ -277,4 +339,5 @@ _KIND_HELP = {
     "mlp": "modules named mlp, ffn or feed_forward",
     "block": "the modules holding an attention module",
     "embedding": "get_input_embeddings() or an nn.Embedding",
+    "parameter": "3-D parameters: stacked expert weights",
 }

@@ -135,8 +135,8 @@ def test_refuses_unknown_files_and_options(saved_base, tmp_path):
     model = load_base(saved_base("llama"))
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_adapter(model, tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["q_proj"]}))
-    with pytest.raises(ValueError, match="peft_type='IA3'"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "target_modules": ["q_proj"]}))
+    with pytest.raises(ValueError, match="peft_type='LOHA'"):
         load_adapter(model, tmp_path)
     config = {"peft_type": "LORA", "target_modules": ["q_proj"], "layers_to_transform": [0]}
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))

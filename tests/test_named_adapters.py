@@ -129,3 +129,65 @@ def test_an_adapter_injected_without_a_name_is_the_default(saved_base):
     set_adapter(model, "mlp")
     set_adapter(model, "default")
     torch.testing.assert_close(_logits(model), trained, atol=0, rtol=0)
+
+
+def _every_method():
+    from lightning_zenft import (
+        BitFitConfig,
+        BottleneckConfig,
+        IA3Config,
+        LoReFTConfig,
+        MAMConfig,
+        ParallelAdapterConfig,
+        PrefixTuningConfig,
+        PromptTuningConfig,
+        PTuningConfig,
+    )
+
+    return {
+        "lora": LoRAConfig(r=2, target_modules="attention"),
+        "dora": LoRAConfig(r=2, target_modules="mlp", use_dora=True),
+        "ia3": IA3Config(),
+        "bitfit": BitFitConfig(bias="none", trainable_norms=True),
+        "bottleneck": BottleneckConfig(bottleneck_size=4),
+        "parallel": ParallelAdapterConfig(bottleneck_size=4),
+        "loreft": LoReFTConfig(r=2),
+        "prompt": PromptTuningConfig(num_virtual_tokens=3),
+        "prefix": PrefixTuningConfig(num_virtual_tokens=3),
+        "p_tuning": PTuningConfig(num_virtual_tokens=3),
+        "mam": MAMConfig(num_virtual_tokens=3, bottleneck_size=4),
+    }
+
+
+@pytest.mark.parametrize("name", list(_every_method()))
+def test_every_method_switches_with_its_own_outputs(saved_base, name):
+    """Each method as a named adapter beside a LoRA one: switching back and forth gives each its own outputs (those
+    of a fresh base holding only it, with the same values), and no adapter gives the base's."""
+    config = _every_method()[name]
+    ids = token_batch()
+    model = load_base(saved_base("llama"))
+    base = _logits(model, ids)
+    add_adapter(model, "other", CONFIGS["attn"], activate=True)
+    _randomize(model, 5)
+    other = _logits(model, ids)
+    add_adapter(model, name, config, activate=True)
+    _randomize(model, 6)
+    trained = _trained(model)
+    mine = _logits(model, ids)
+
+    reference = load_base(saved_base("llama"))
+    inject_adapters(reference, config)
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for pname, value in trained.items():
+            params[pname].copy_(value)
+    assert trained.keys() == {n for n, p in params.items() if p.requires_grad}
+    torch.testing.assert_close(mine, _logits(reference, ids), atol=1e-6, rtol=1e-6)
+
+    set_adapter(model, "other")
+    torch.testing.assert_close(_logits(model, ids), other, atol=0, rtol=0)
+    set_adapter(model, name)
+    torch.testing.assert_close(_logits(model, ids), mine, atol=0, rtol=0)
+    delete_adapter(model, name)
+    delete_adapter(model, "other")
+    torch.testing.assert_close(_logits(model, ids), base, atol=0, rtol=0)

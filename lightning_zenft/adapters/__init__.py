@@ -13,6 +13,8 @@ from lightning_zenft.adapters._protocol import (
 )
 from lightning_zenft.adapters.dora import DoRALinear
 from lightning_zenft.adapters.lora import LoRALinear, lora_scaling
+from lightning_zenft.adapters.prefix import PrefixKV
+from lightning_zenft.adapters.prompt import PromptEncoder, SoftPrompt
 
 __all__ = [
     "AdapterModule",
@@ -27,4 +29,7 @@ __all__ = [
     "lora_scaling",
     "merge_adapters",
     "unmerge_adapters",
+    "PrefixKV",
+    "PromptEncoder",
+    "SoftPrompt",
 ]

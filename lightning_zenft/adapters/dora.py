@@ -98,6 +98,8 @@ class DoRALinear(LoRALinear):
         if self.merged or self.disabled:
             if self.merged and self.disabled:
                 raise RuntimeError("a merged adapter cannot be disabled; use lightning_zenft.disable_adapters(model).")
+            if self.disabled and self.pissa_A0 is not None:  # PiSSA's base is the residual: add the original back
+                return out + self._pissa_initial(x).to(out.dtype)
             return out
         dtype = self.lora_A.weight.dtype
         xd = self.lora_dropout(x.to(dtype))

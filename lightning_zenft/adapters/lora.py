@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_zenft.adapters._base import add_to_weight, dense_weight, is_conv1d, linear_features
+from lightning_zenft.adapters._base import add_to_weight, dense_weight, linear_features
 
 LoRAInit = Literal["kaiming", "gaussian", "pissa"]
 
@@ -139,7 +139,9 @@ class LoRALinear(nn.Module):
             b = torch.cat([b, -self.pissa_B0], dim=1)  # (out, 2r)
             r = 2 * self.r
             alpha = self.scaling * (math.sqrt(r) if self.use_rslora else r)
-        settings = {**self.settings(), "r": r, "alpha": alpha, "fan_in_fan_out": is_conv1d(self.base_layer)}
+        # the arguments that rebuild this update on the original base: PiSSA's base rewrite is already in the factors
+        init = "kaiming" if self.init == "pissa" else self.init
+        settings = {**self.settings(), "r": r, "alpha": alpha, "init": init}
         return {"lora_A.weight": a, "lora_B.weight": b}, settings
 
     def low_rank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -216,8 +218,15 @@ class LoRALinear(nn.Module):
         if self.merged or self.disabled:
             if self.merged and self.disabled:
                 raise RuntimeError("a merged adapter cannot be disabled; use lightning_zenft.disable_adapters(model).")
+            if self.disabled and self.pissa_A0 is not None:  # PiSSA's base is the residual: add the original back
+                return out + self._pissa_initial(x).to(out.dtype)
             return out
         return out + self.lora_forward(x).to(out.dtype)
+
+    def _pissa_initial(self, x: torch.Tensor) -> torch.Tensor:
+        """``s B0 A0 x``: what PiSSA took out of the base weight (the base alone is ``W - s B0 A0``)."""
+        xa = torch.nn.functional.linear(x.to(self.pissa_A0.dtype), self.pissa_A0)  # (..., r)
+        return torch.nn.functional.linear(xa, self.pissa_B0) * self.scaling  # (..., out)
 
     def extra_repr(self) -> str:
         return (

@@ -126,7 +126,7 @@ class LoRAParameter(nn.Module):
 
     def export_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {"lora_A.weight": self.lora_A.weight.detach(), "lora_B.weight": self.lora_B.weight.detach()}
-        return tensors, {**self.settings(), "fan_in_fan_out": False}
+        return tensors, self.settings()
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` per expert: ``A`` ``(E, r, in)`` and ``B`` ``(E, out, r)``."""

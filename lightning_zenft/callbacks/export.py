@@ -15,8 +15,11 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from torch import nn
 from typing_extensions import override
 
+from lightning_zenft.adapters import find_adapters
+from lightning_zenft.callbacks._adapter import AdapterCallback
 from lightning_zenft.io import save_adapter
 from lightning_zenft.strategies.gather import gathered_for_export
 
@@ -29,6 +32,8 @@ class SaveAdapter(Callback):
         dirpath: the adapter directory; relative paths are taken under the Trainer's ``default_root_dir``.
         model_attr: the attribute of the LightningModule that holds the model (key paths are relative to it, as
             ``PeftModel.from_pretrained(base, dirpath)`` expects); ``""`` saves relative to the module itself.
+
+    A method that adds no module and only chooses what trains (``BitFit``) is named by the Trainer's adapter callback.
 
     Example::
 
@@ -49,6 +54,15 @@ class SaveAdapter(Callback):
         with gathered_for_export(pl_module, rank_zero=trainer.is_global_zero, root=root):
             if trainer.is_global_zero:
                 model = pl_module.get_submodule(self.model_attr) if self.model_attr else pl_module
-                self.saved_to = save_adapter(model, path)
+                self.saved_to = save_adapter(model, path, method=_method_without_modules(trainer, model))
                 print(f"adapter saved to {self.saved_to}")
         trainer.strategy.barrier("zenft-save-adapter")
+
+
+def _method_without_modules(trainer: pl.Trainer, model: nn.Module) -> str | None:
+    """The method of the Trainer's adapter callback when ``model`` holds no adapter module (a method such as BitFit,
+    which only changes what trains); None otherwise (``save_adapter`` reads the method from the modules)."""
+    if any(True for _ in find_adapters(model)):
+        return None
+    methods = {type(c.config).method for c in trainer.callbacks if isinstance(c, AdapterCallback)}
+    return methods.pop() if len(methods) == 1 else None

@@ -165,3 +165,23 @@ def test_bad_arguments():
         LoRALinear(nn.Linear(4, 4), r=1, alpha=1, dropout=1.5)
     with pytest.raises(TypeError, match="Embedding is not a linear layer"):
         LoRALinear(nn.Embedding(4, 4), r=1, alpha=1)
+
+
+@pytest.mark.parametrize("cls", ["lora", "dora"])
+def test_disabled_pissa_layer_computes_the_original_base(cls):
+    """PiSSA rewrites the base weight to its residual; disabled, the layer still computes what the model did before
+    the adapter was added (the original weight), as every disabled adapter must."""
+    from lightning_zenft.adapters import DoRALinear, LoRALinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    original = nn.Linear(16, 12)
+    original.load_state_dict(base.state_dict())
+    layer = (LoRALinear if cls == "lora" else DoRALinear)(base, r=3, alpha=6, use_rslora=True, init="pissa")
+    with torch.no_grad():
+        layer.lora_B.weight.add_(0.1)  # trained
+    x = torch.randn(5, 16)
+    layer.disabled = True
+    torch.testing.assert_close(layer(x), original(x), atol=1e-5, rtol=1e-5)
+    layer.disabled = False
+    assert not torch.allclose(layer(x), original(x), atol=1e-3)
