@@ -358,6 +358,25 @@ def scenario_example(devices: int, root: Path) -> dict[str, Any]:
     return {"report": report, "params": captured["params"]}
 
 
+def scenario_monitor(devices: int, root: Path) -> None:
+    """``tests/callbacks/test_forgetting_ddp.py``'s FSDP2 run with the sharding done by FSDP2Strategy: each rank
+    writes its monitor history to ``root / "monitor"`` (compared with one process by ``test_fsdp2.py``)."""
+    from forgetting_testing import DumpHistory, InOrderCounter, distributed_monitor
+    from forgetting_testing import trainer as monitor_trainer
+
+    out = root / "monitor"
+    module = InOrderCounter(devices)  # no configure_model: the strategy shards it
+    torch.manual_seed(0)  # after building the module: the same LoRA init as the one-process run
+    callbacks = [LoRA(r=4, alpha=8), distributed_monitor(), DumpHistory(out)]
+    strategy = FSDP2Strategy(mixed_precision=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit_ = monitor_trainer(
+            out, callbacks, max_steps=6, devices=devices, strategy=strategy, use_distributed_sampler=False
+        )
+        fit_.fit(module)
+
+
 def main() -> None:
     devices, out = int(sys.argv[1]), Path(sys.argv[2])
     single_ckpt = Path(sys.argv[3]) if len(sys.argv) > 3 else None
@@ -371,6 +390,7 @@ def main() -> None:
         "yaml": scenario_yaml(devices, out),
         "example": scenario_example(devices, out),
     }
+    scenario_monitor(devices, out)
     results["refusals"] = scenario_refusals(devices, out, results["lora"]["sharded"]["path"])
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         torch.save(results, out / "results.pt")

@@ -244,3 +244,16 @@ def test_the_full_finetune_example_saves_the_gathered_weights(run):
         assert torch.equal(value.detach(), example["params"][name]), name  # gathered from the two shards
         changed += not torch.equal(value, base.get_parameter(name))
     assert changed == len(list(saved.parameters()))  # every weight trained
+
+
+def test_the_forgetting_monitor_under_the_strategy_measures_what_one_process_measures(run, tmp_path):
+    path = Path(__file__).resolve().parents[1] / "callbacks" / "test_forgetting_ddp.py"
+    spec = importlib.util.spec_from_file_location("forgetting_ddp_checks", path)
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    checks._fit(tmp_path, devices=1)
+    one = json.loads((tmp_path / "rank0.json").read_text())
+    checks._check(one, run["root"] / "monitor")  # the same history on both ranks, equal to one process's; one stop
+    (stop,) = list((run["root"] / "monitor" / "forgetting").iterdir())
+    model, _ = _payload(stop)  # the stop checkpoint: sharded, adapters only
+    assert model and all(".lora_" in k for k in model)
