@@ -71,6 +71,7 @@ from lightning_zenft.planning import (
     recommend,
     resolve_lora_rank_auto,
 )
+from lightning_zenft.strategies import FSDP1Strategy, FSDP2Strategy
 
 __version__ = "0.1.0"
 
@@ -86,6 +87,8 @@ __all__ = [
     "AdapterPlan",
     "DoRA",
     "DoRALinear",
+    "FSDP1Strategy",
+    "FSDP2Strategy",
     "FusedKernels",
     "LoRA",
     "MAM",

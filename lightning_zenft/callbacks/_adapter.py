@@ -166,6 +166,12 @@ class AdapterCallback(Callback):
 
     def _inject(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         config = self.resolve_config(trainer, pl_module)
+        if config is None and trainer.strategy.restore_checkpoint_after_setup:
+            raise RuntimeError(
+                f"{type(self).__name__}: {self._unresolved()}, and {type(trainer.strategy).__name__} reads checkpoints "
+                "only after it has sharded the model, too late to inject adapters from the checkpoint's settings. Give "
+                "the settings explicitly (as the run that wrote the checkpoint resolved them)."
+            )
         if config is None:
             self._deferred = True  # injected from the checkpoint's saved config, before its tensors load
             return

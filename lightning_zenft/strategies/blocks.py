@@ -111,15 +111,36 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
     """Store every frozen floating-point parameter of ``model`` in ``dtype``; returns how many were cast.
 
     Under mixed precision with ``param_dtype=dtype`` a frozen weight is only ever used after the cast to ``dtype``
-    that the all-gather does, so casting it once before sharding gives the same numbers with less memory.
+    that the all-gather does, so casting it once before sharding gives the same numbers with less memory. Tensor
+    subclasses (4-bit weights) are left as they are.
     """
     count = 0
     with torch.no_grad():
         for param in model.parameters():
+            if type(param.data) is not torch.Tensor:
+                continue  # a tensor subclass (a 4-bit weight) keeps its own storage
             if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
                 param.data = param.data.to(dtype)
                 count += 1
     return count
+
+
+def shardable_4bit(model: nn.Module, owner: str) -> int:
+    """Make bitsandbytes 4-bit layers shardable by FSDP2 (their ``quant_state`` would be lost by ``fully_shard``),
+    through the 4-bit plugin's converter; returns how many were converted. Without that converter: an error that says
+    what to use."""
+    found = [n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"]
+    if not found:
+        return 0
+    try:
+        from lightning_zenft.precision.sharded_linear import make_shardable  # type: ignore[import-not-found]
+    except ImportError:
+        raise RuntimeError(
+            f"{owner}: {len(found)} parameters are bitsandbytes 4-bit weights (e.g. {found[:2]}), which fully_shard "
+            "cannot shard (it drops their quant_state). Quantize with lightning_zenft's NF4Precision plugin, whose "
+            "4-bit weights FSDP2 shards, or train the base unquantized."
+        ) from None
+    return len(make_shardable(model))
 
 
 def checkpoint_blocks(pl_module: nn.Module, blocks: list[nn.Module], torch_fallback: bool = True) -> dict[str, int]:

@@ -111,7 +111,8 @@ class FSDP1Strategy(FSDPStrategy):
         block_classes: the sharding units: ``"auto"`` (the model's ``_no_split_modules``) or class names.
         mixed_precision: ``"bf16"`` (parameters gathered and computed in bf16, gradients reduced in fp32) or ``None``
             (the Trainer's ``precision=`` decides, as with Lightning's ``FSDPStrategy``).
-        activation_checkpointing: recompute each block's activations in backward.
+        activation_checkpointing: recompute each block's activations in backward (Hugging Face layers through their
+            own checkpointing, other blocks through Lightning's checkpoint wrapper).
         cpu_offload: keep parameter shards on the CPU.
         state_dict: ``"sharded"`` (a checkpoint directory of shards) or ``"full"`` (one file from rank 0).
         cast_frozen: with mixed precision, store the parameters of all-frozen units in bf16.
@@ -183,7 +184,11 @@ class FSDP1Strategy(FSDPStrategy):
         if self.mixed_precision_name == "bf16" and self.cast_frozen:
             with torch.no_grad():
                 for p in pl_module.parameters():
-                    if plan.unit_of[id(p)] in plan.frozen_units and p.is_floating_point():
+                    if (
+                        plan.unit_of[id(p)] in plan.frozen_units
+                        and p.is_floating_point()
+                        and type(p.data) is torch.Tensor
+                    ):
                         p.data = p.data.to(torch.bfloat16)
         if self.activation_checkpointing:  # Hugging Face layers checkpoint themselves; others get Lightning's wrapper
             block_types = tuple(classes)

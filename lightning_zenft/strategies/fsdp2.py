@@ -4,7 +4,8 @@ Lightning's ``ModelParallelStrategy`` asks every LightningModule to write ``conf
 ``fully_shard`` calls. This subclass does that part, the same way for every model:
 
 1. After the callbacks' ``setup`` (adapters injected, base frozen) and ``configure_model``, the precision plugin
-   converts the module first (e.g. a 4-bit base), so sharding sees the final parameters.
+   converts the module first (e.g. a 4-bit base), so sharding sees the final parameters; bitsandbytes 4-bit layers
+   become layers whose 4-bit weights FSDP2 can shard (:func:`~lightning_zenft.strategies.blocks.shardable_4bit`).
 2. Under ``mixed_precision="bf16"``, frozen floating-point parameters are stored in bf16 (``cast_frozen``): FSDP2
    would cast them to bf16 at every all-gather anyway, so this is the same computation with half the memory.
    Trained parameters stay in their dtype (fp32: the optimizer's master copy); gradients are reduced in fp32.
@@ -35,7 +36,13 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_zenft.strategies import checkpoints
-from lightning_zenft.strategies.blocks import BlockClasses, cast_frozen, checkpoint_blocks, resolve_block_classes
+from lightning_zenft.strategies.blocks import (
+    BlockClasses,
+    cast_frozen,
+    checkpoint_blocks,
+    resolve_block_classes,
+    shardable_4bit,
+)
 from lightning_zenft.strategies.options import MixedPrecisionName, StateDictName, check_options
 
 
@@ -119,6 +126,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         _refuse_manual_sharding(self.model)
         _materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
+        shardable_4bit(self.model, "FSDP2Strategy")
         self.units = self._shard(self.model)
         if not self.cpu_offload:
             self.model_to_device()  # buffers; offloaded shards stay on the CPU
@@ -132,6 +140,13 @@ class FSDP2Strategy(ModelParallelStrategy):
     def _shard(self, pl_module: nn.Module) -> list[str]:
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+        own = [n for n, _ in pl_module.named_parameters(recurse=False)]
+        if own:
+            raise ValueError(
+                f"{type(pl_module).__name__} holds parameters directly ({own[:3]}): FSDP2 shards submodules, and "
+                "parameters outside them would not be synchronized across ranks. Move them into a submodule "
+                "(e.g. an nn.Module held by the LightningModule)."
+            )
         classes = tuple(resolve_block_classes(pl_module, self.block_classes))
         mp = MixedPrecisionPolicy()
         if self.mixed_precision == "bf16":
@@ -153,13 +168,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             units.append(name)
         units.reverse()
         in_blocks = {id(p) for _, b in blocks for p in b.parameters()}
-        own = [n for n, _ in pl_module.named_parameters(recurse=False)]
-        if own:
-            raise ValueError(
-                f"{type(pl_module).__name__} holds parameters directly ({own[:3]}): FSDP2 shards submodules, and "
-                "parameters outside them would not be synchronized across ranks. Move them into a submodule "
-                "(e.g. an nn.Module held by the LightningModule)."
-            )
         for name, child in pl_module.named_children():
             if any(id(p) not in in_blocks for p in child.parameters()):
                 fully_shard(child, **kwargs)  # root unit: kept gathered from forward to backward by FSDP

@@ -51,6 +51,13 @@ class ShardLM(L.LightningModule):
         self.losses.append(loss.item())
         return loss
 
+    def validation_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        (ids,) = batch
+        self.log("val_loss", self.model(input_ids=ids, labels=ids).loss, sync_dist=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.train_dataloader()
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
             return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
@@ -89,6 +96,8 @@ def trainer(
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,  # the module's own sampler, without shuffling
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
         default_root_dir=root,
         callbacks=callbacks,
         **kwargs,
@@ -320,6 +329,11 @@ def scenario_refusals(devices: int, root: Path, sharded_ckpt: str) -> dict[str, 
         "other_rank": _error_of(ShardLM(), root / "rank", [LoRA(r=2, alpha=8)], ckpt=Path(sharded_ckpt)),
         "offload_on_cpu": _error_of(ShardLM(), root / "offload", [], cpu_offload=True),
     }
+    try:
+        trainer(2, 1, [LoRA(r="auto")], root / "auto").validate(ShardLM(), ckpt_path=Path(sharded_ckpt), verbose=False)
+        out["auto_rank"] = "no error"
+    except RuntimeError as err:
+        out["auto_rank"] = str(err)
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (devices,))

@@ -226,6 +226,7 @@ def test_refusals(run):
     assert "holds parameters directly (['temperature'])" in refused["own_parameter"]
     assert "differ in shape" in refused["other_rank"] and "saved (4, 32) vs model (2, 32)" in refused["other_rank"]
     assert "cpu_offload=True" in refused["offload_on_cpu"] and "runs on the CPU already" in refused["offload_on_cpu"]
+    assert "r='auto' is resolved" in refused["auto_rank"] and "Give the settings explicitly" in refused["auto_rank"]
     layer = refused["dtensor_layer"]
     assert "DTensors outside any FSDP2 unit" in layer["skipped"][""]
     assert any("DTensors outside any FSDP2 unit" in w for w in layer["warnings"])

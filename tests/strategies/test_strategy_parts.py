@@ -259,3 +259,13 @@ def test_fsdp_split_keeps_the_total_of_sixteen_bytes_a_parameter():
     assert eight.total_bytes == eight.static_bytes + eight.gathered_bytes + eight.activations_bytes
     lora_one, lora_two = (estimate_memory("7B", "lora", seq=512, gpus=g) for g in (1, 2))
     assert lora_two.static_bytes == pytest.approx(lora_one.static_bytes / 2, abs=2)
+
+
+def test_bitsandbytes_4bit_layers_need_the_shardable_form():
+    bnb = pytest.importorskip("bitsandbytes")
+    from lightning_zenft.strategies.blocks import shardable_4bit
+
+    model = nn.Sequential(nn.Linear(16, 16), bnb.nn.Linear4bit(16, 16, quant_type="nf4"))
+    assert shardable_4bit(nn.Sequential(nn.Linear(4, 4)), "FSDP2Strategy") == 0  # nothing to convert
+    with pytest.raises(RuntimeError, match=r"FSDP2Strategy: 1 parameters are bitsandbytes 4-bit .*NF4Precision"):
+        shardable_4bit(model, "FSDP2Strategy")
