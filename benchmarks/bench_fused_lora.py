@@ -43,6 +43,7 @@ from lightning_zenft.kernels import (
     set_matmul_backend,
     set_triton_enabled,
 )
+from lightning_zenft.planning.measure import saved_tensor_bytes
 
 
 def timed(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) -> float:
@@ -65,19 +66,9 @@ def timed(fn: Callable[[], None], device: torch.device, warmup: int, reps: int) 
 
 
 def saved_mib(forward: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> float:
-    """MiB that autograd keeps for backward after one forward, not counting ``exclude`` (weights that exist anyway)."""
-    seen: dict[int, int] = {}
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward()
-    return sum(seen.values()) / 2**20
+    """MiB the autograd graph holds for backward when one forward returns, not counting ``exclude`` (weights)."""
+    _, held = saved_tensor_bytes(forward, exclude)
+    return held / 2**20
 
 
 def bench_shape(tokens: int, k: int, n: int, r: int, args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -120,6 +111,9 @@ def bench_shape(tokens: int, k: int, n: int, r: int, args: argparse.Namespace, d
                 cases["bnb-nf4"] = lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state)
             except ImportError:
                 pass
+    if args.cases:  # a subset (the base cases are kept: the overheads are measured against them)
+        keep = set(args.cases.split(",")) | {"base", "base-nf4"}
+        cases = {name: fn for name, fn in cases.items() if name in keep}
     rows: list[dict] = []
     ref_ms: dict[str, float] = {}
     for name, forward in cases.items():
@@ -155,6 +149,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test at small shapes")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     parser.add_argument("--profile", action="store_true", help="also the device time of each case by kernel")
+    parser.add_argument("--cases", default=None, help="only these cases, comma separated (e.g. eager,fused)")
     args = parser.parse_args()
     if args.tiny:
         device = torch.device("cpu")

@@ -277,6 +277,8 @@ def main() -> None:
             results.append(dict(mode=mode, error=(proc.stderr or proc.stdout).strip().splitlines()[-1:]))
         else:
             results.append(json.loads(lines[-1][len("RESULT ") :]))
+        if args.json:  # after every mode: a run stopped by a time limit keeps the modes it finished
+            write_json(args, results)
     ceiling = next((r for r in results if r.get("mode") == "ceiling_liger" and "tok_s" in r), None)
     ceiling = ceiling or next((r for r in results if r.get("mode") == "ceiling" and "tok_s" in r), None)
     device_name = "cpu (numbers mean nothing)" if args.tiny else torch.cuda.get_device_name()
@@ -297,9 +299,18 @@ def main() -> None:
             print(format_profile(r["mode"], r["profile"]))
             r["profile_by_kind"] = by_kind(r["profile"])
     if args.json:
-        meta = dict(device=device_name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
-        with open(args.json, "w") as f:
-            json.dump(dict(meta, size=args.size, quant=args.quant, batch=args.batch, seq=args.seq, results=results), f)
+        write_json(args, results)
+
+
+def write_json(args: argparse.Namespace, results: list[dict]) -> None:
+    """The run's results so far, with what was run where, written atomically to ``args.json``."""
+    device_name = "cpu (numbers mean nothing)" if args.tiny else torch.cuda.get_device_name()
+    meta = dict(device=device_name, torch=torch.__version__, date=time.strftime("%Y-%m-%d"))
+    run = dict(meta, size=args.size, quant=args.quant, batch=args.batch, seq=args.seq, results=results)
+    tmp = f"{args.json}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(run, f)
+    os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

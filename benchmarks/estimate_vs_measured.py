@@ -3,11 +3,11 @@
 On a GPU (default shape: the 1.1B Llama shape, hidden 2048, MLP 5632, 22 layers, 32 heads, 4 kv heads, vocab
 32000, bf16, batch 4 x seq 2048) the measured figure is ``torch.cuda.max_memory_allocated`` over the second
 training step (the first one allocates the optimizer states; gradients are zeroed in place, not freed, so
-they are held as the estimate assumes). Activations are also measured on their own, as the unique storages
-autograd saves for backward during the forward pass.
+they are held as the estimate assumes). Activations are also measured on their own, as the unique storages the
+autograd graph holds for backward when forward ends (``lightning_zenft.planning.measure.saved_activation_bytes``).
 
 With ``--tiny`` the script runs a tiny shape, on CPU when there is no GPU; there the total is measured as the
-bytes of parameters, gradients and AdamW states after a step plus the saved-for-backward storages.
+bytes of parameters, gradients and AdamW states after a step plus the storages the graph holds for backward.
 
 Variants: ``full`` (every weight trained, AdamW) and ``lora`` (frozen base plus trainable low-rank adapters on
 all linear layers of the blocks, AdamW on the adapters).

@@ -2,6 +2,7 @@
 
     python benchmarks/record_results.py benchmarks/out              # every table
     python benchmarks/record_results.py benchmarks/out --only e2e   # one kind: micro, estimate, e2e
+    python benchmarks/record_results.py benchmarks/out --headline   # the headline table of RESULTS.md (+ headline.json)
 
 Where ``ours`` misses a target and both it and the ceiling were profiled (``--profile``), the device time per step of
 each kind of kernel is printed for both with the difference: the measured cause of the gap.
@@ -121,11 +122,85 @@ def gap(ours: dict, ceiling: dict) -> None:
     print(f"| total | {sum(a.values()):.2f} | {sum(b.values()):.2f} | {sum(a.values()) - sum(b.values()):+.2f} |")
 
 
+def parity_tests(folder: str) -> dict | None:
+    """Counts from the JUnit XML the quick plan's pytest run writes (``quick-tests.xml``)."""
+    path = os.path.join(folder, "quick-tests.xml")
+    if not os.path.exists(path):
+        return None
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return counts
+
+
+def headline(folder: str) -> list[dict]:
+    """The headline rows (RESULTS.md's GPU table) from whatever the folder holds; a missing run says so."""
+    rows: list[dict] = []
+    micro_path = os.path.join(folder, "micro.jsonl")
+    micro_rows = [json.loads(line) for line in open(micro_path) if line.strip()] if os.path.exists(micro_path) else []
+    for shape in ("4096->4096", "4096->14336"):
+        hit = [r for r in micro_rows if r["case"] == "fused" and r["r"] == RANK and r["shape"].endswith("x" + shape)]
+        figure = f"{hit[0]['overhead_pct']:+.1f}% ({hit[0]['ms']:.3f} ms)" if hit else "not run"
+        verdict = ("met" if hit[0]["overhead_pct"] <= 10 else "MISSED") if hit else "-"
+        rows.append(dict(benchmark="bench_fused_lora.py", shape=f"8192 tokens, r=16, {shape.replace('->', 'x')}",
+                         target="overhead <= 10% vs frozen F.linear", figure=figure, verdict=verdict))  # fmt: skip
+    for size, tokens in (("1b", "4 x 2048"), ("8b", "2 x 2048")):
+        path = os.path.join(folder, f"e2e-{size}.json")
+        run = json.load(open(path)) if os.path.exists(path) else {"results": []}
+        by_mode = {r["mode"]: r for r in run["results"] if "tok_s" in r}
+        ceiling = by_mode.get("ceiling_liger") or by_mode.get("ceiling")
+        ours, peft = by_mode.get("ours"), by_mode.get("peft")
+        shape = f"{size.upper()} shape, {tokens}, bf16"
+        if ours and ceiling:
+            ratio = ours["tok_s"] / ceiling["tok_s"]
+            figure = f"{ours['tok_s']:,} tok/s = {100 * ratio:.1f}% of {ceiling['mode']} ({ceiling['tok_s']:,})"
+            rows.append(dict(benchmark="bench_lora_e2e.py", shape=shape, target=">= 90% of the ceiling's tokens/s",
+                             figure=figure, verdict="met" if ratio >= 0.9 else "MISSED"))  # fmt: skip
+            budget = ceiling["peak_gib"] + memory_budget_gib(size, run["batch"], run["seq"])
+            rows.append(dict(benchmark="bench_lora_e2e.py", shape=shape, target=f"peak <= {budget:.1f} GiB (ceiling "
+                             f"{ceiling['peak_gib']:.1f} + adapted inputs and adapter state)",
+                             figure=f"{ours['peak_gib']:.1f} GiB",
+                             verdict="met" if ours["peak_gib"] <= budget else "MISSED"))  # fmt: skip
+        else:
+            missing = ", ".join(m for m, r in (("ours", ours), ("ceiling", ceiling)) if r is None)
+            rows.append(dict(benchmark="bench_lora_e2e.py", shape=shape, target=">= 90% of the ceiling; memory budget",
+                             figure=f"not run ({missing} missing)", verdict="-"))  # fmt: skip
+        if ours and peft:
+            rows.append(dict(benchmark="bench_lora_e2e.py", shape=shape, target="against HF PEFT (no target)",
+                             figure=f"{ours['tok_s'] / peft['tok_s']:.2f}x tokens/s, "
+                             f"{ours['peak_gib'] / peft['peak_gib']:.2f}x memory ({peft['tok_s']:,} tok/s, "
+                             f"{peft['peak_gib']:.1f} GiB)", verdict="-"))  # fmt: skip
+    tests = parity_tests(folder)
+    figure = "not run" if tests is None else f"{tests['passed']} passed, {tests['failures'] + tests['errors']} failed"
+    verdict = "-" if tests is None else ("met" if tests["failures"] + tests["errors"] == 0 else "MISSED")
+    rows.append(dict(benchmark="tests/kernels/test_fused_kernels_gpu.py", shape="real shapes, main kernels",
+                     target="every parity test passes", figure=figure, verdict=verdict))  # fmt: skip
+    return rows
+
+
+def print_headline(folder: str) -> int:
+    """Print the headline table, write ``headline.json``; return how many rows were not run."""
+    rows = headline(folder)
+    print("| benchmark | shape | target | figure | verdict |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(f"| `{row['benchmark']}` | {row['shape']} | {row['target']} | {row['figure']} | {row['verdict']} |")
+    with open(os.path.join(folder, "headline.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return sum(row["figure"].startswith("not run") for row in rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder")
     parser.add_argument("--only", choices=["micro", "estimate", "e2e"])
+    parser.add_argument("--headline", action="store_true", help="only the headline table; also writes headline.json")
     args = parser.parse_args()
+    if args.headline:
+        sys.exit(1 if print_headline(args.folder) else 0)
     env = os.path.join(args.folder, "env.txt")
     if os.path.exists(env) and args.only is None:
         print("Environment: " + "; ".join(open(env).read().split("\n")).strip("; ") + "\n")

@@ -5,20 +5,8 @@ becomes modules.
 values. The swap (:func:`inject_adapters`), the resume path of the adapter callbacks and the PEFT file loader all use
 it, so per-layer values are worked out once.
 
-Which modules a config selects is :mod:`lightning_zenft.targets`; target syntax (``target_modules`` /
-``exclude_modules``), as a reminder:
-
-* a preset: ``"all-linear"`` (every ``nn.Linear``/``Conv1D`` except the output head), ``"attention"`` (the linear
-  layers inside attention blocks: q/k/v/o, GPT-2's ``c_attn``/``attn.c_proj``, Phi's ``dense``...), ``"mlp"`` (the
-  linear layers of the feed-forward blocks). Presets look at the module path (a parent named ``*attn*``,
-  ``*attention*`` vs ``mlp``/``ffn``/``feed_forward``/BERT's ``intermediate``/``output``), so they work across Llama,
-  Mistral, Qwen2, Gemma, Phi, GPT-2, BERT and plain ``nn.Module``s that follow these names;
-* a list of exact names or name suffixes, aligned on dots: ``["q_proj", "v_proj"]`` or ``["layers.0.mlp.up_proj"]``;
-* any other string is a regex that must match a full module name (``re.fullmatch``); a plain name such as
-  ``"q_proj"`` that matches no full name is taken as a suffix.
-
-``rank_pattern``/``alpha_pattern`` keys match a layer when its full name ends with the key on a dot boundary (the key
-is a regex), e.g. ``{"o_proj": 8, r"layers\\.0\\..*": 4}``.
+Which modules a config selects, and the target syntax (``target_modules``, ``exclude_modules``, the per-layer
+pattern keys), is :mod:`lightning_zenft.targets`.
 """
 
 from __future__ import annotations

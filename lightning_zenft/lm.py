@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from lightning_zenft.data.paths import DEFAULT_BASE_MODEL_DIR
+from lightning_zenft.data.paths import DEFAULT_BASE_MODEL_DIR, check_pretrained_source
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -70,6 +70,8 @@ class CausalLMModule(L.LightningModule):
         warmup_steps: optimizer steps of linear warmup; ``0`` disables the scheduler.
         torch_dtype: ``"float32"``, ``"bfloat16"``, ``"float16"``, ``"auto"`` or ``None`` (float32) for the
             model weights. Mixed precision is better chosen with the Trainer's ``precision=``.
+        gradient_checkpointing: recompute each decoder layer in backward instead of keeping its activations
+            (``transformers``' checkpointing, non-reentrant, so it works with a frozen embedding).
 
     Example:
         >>> import lightning as L
@@ -89,6 +91,7 @@ class CausalLMModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 0,
         torch_dtype: str | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if model is not None and model_config is not None:
@@ -106,6 +109,12 @@ class CausalLMModule(L.LightningModule):
         dtype = _resolve_dtype(torch_dtype)
         self._model_dir: str | None = None
         self.model: nn.Module = self._build(model, model_config, dtype)
+        if gradient_checkpointing:
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5 spelling
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def _build(self, model: str | None, model_config: dict[str, Any] | None, dtype: torch.dtype | str | None) -> Any:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -128,9 +137,16 @@ class CausalLMModule(L.LightningModule):
                 f"The embedded base model is missing from {str(DEFAULT_BASE_MODEL_DIR)!r}. Reinstall the package, "
                 "or pass model=<directory> or model_config={...}."
             )
+        check_pretrained_source(source, "model")
         kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
         self._model_dir = source
-        loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        from lightning_zenft.precision.loader import active_quantized_loading
+
+        quantized = active_quantized_loading()  # inside NF4Precision().module_init_context(): 4-bit, tensor by tensor
+        if quantized is not None:
+            loaded = quantized.load_pretrained(source, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+        else:
+            loaded = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         return loaded.train()  # from_pretrained returns eval mode; the Trainer keeps submodules' modes as found
 
     @property
@@ -177,9 +193,10 @@ class CausalLMModule(L.LightningModule):
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with the way out, a checkpoint of adapters when this run has no adapter callback (its tensors would
-        otherwise be reported as a list of unexpected keys)."""
+        otherwise be reported as a list of unexpected keys), or one trained on a 4-bit base when this run's is not."""
         from lightning_zenft.adapters import find_adapters
         from lightning_zenft.callbacks._adapter import CHECKPOINT_KEY
+        from lightning_zenft.precision.resume import check_resume_precision
 
         writers = checkpoint.get(CHECKPOINT_KEY)
         if writers and not any(True for _ in find_adapters(self)):
@@ -187,6 +204,7 @@ class CausalLMModule(L.LightningModule):
                 f"the checkpoint holds adapters written by {writers}, but this model has none: add the same adapter "
                 "callback, with the settings of the run that wrote it, to the Trainer's callbacks."
             )
+        check_resume_precision(self.trainer, checkpoint)  # a 4-bit run's adapters need the 4-bit base
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """AdamW parameter groups over the trainable parameters: decayed matrices, undecayed biases and norms.

@@ -19,7 +19,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -226,22 +226,29 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig, activate: bo
         add_adapter(model, "math", LoRAConfig(r=8, target_modules="attention"), activate=True)
     """
     model = unwrap_model(model)
-    name = _check_name(name)
-    state = _state(model)
-    if name == state.active or name in state.stored:
-        raise ValueError(f"an adapter named {name!r} exists already; delete_adapter it first or pick another name.")
-    if state.active is None:
-        return _add_active(model, state, name, lambda: inject_adapters(model, config))
-    with _aside(model, state):
-        names = _add_active(model, state, name, lambda: inject_adapters(model, config))
-        state.stored[name] = _stash(model, state)
+    names = _add(model, name, lambda: inject_adapters(model, config))
     if activate:
         set_adapter(model, name)
     return names
 
 
-def _add_active(model: nn.Module, state: _Adapters, name: str, inject: object) -> list[str]:
-    names = inject()  # type: ignore[operator]
+def _add(model: nn.Module, name: str, inject: Callable[[], list[str]]) -> list[str]:
+    """Run ``inject`` (which adds adapters to a model holding none) as adapter ``name``: active if no adapter is,
+    else kept aside while the active one stays."""
+    name = _check_name(name)
+    state = _state(model)
+    if name == state.active or name in state.stored:
+        raise ValueError(f"an adapter named {name!r} exists already; delete_adapter it first or pick another name.")
+    if state.active is None:
+        return _add_active(model, state, name, inject)
+    with _aside(model, state):
+        names = _add_active(model, state, name, inject)
+        state.stored[name] = _stash(model, state)
+    return names
+
+
+def _add_active(model: nn.Module, state: _Adapters, name: str, inject: Callable[[], list[str]]) -> list[str]:
+    names = inject()
     _remember_base_values(model, state, list(_extras(model)))  # flags changed, values not yet: the base's values
     state.active = name
     return names
@@ -259,19 +266,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def load_named_adapter(model: nn.Module, directory: str | Path, adapter_name: str) -> list[str]:
     """Load an adapter file under ``adapter_name`` (aside while another adapter is active); see ``load_adapter``."""
-    model = unwrap_model(model)
     from lightning_zenft.io import load_adapter
 
-    name = _check_name(adapter_name)
-    state = _state(model)
-    if name == state.active or name in state.stored:
-        raise ValueError(f"an adapter named {name!r} exists already; delete_adapter it first or pick another name.")
-    if state.active is None:
-        return _add_active(model, state, name, lambda: load_adapter(model, directory))
-    with _aside(model, state):
-        names = _add_active(model, state, name, lambda: load_adapter(model, directory))
-        state.stored[name] = _stash(model, state)
-    return names
+    model = unwrap_model(model)
+    return _add(model, adapter_name, lambda: load_adapter(model, directory))
 
 
 @contextmanager

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lightning_zenft.adapters._bnb import dequantize_4bit_weight, is_4bit
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """True for ``transformers.pytorch_utils.Conv1D`` (checked by class name: transformers need not be imported)."""
@@ -38,6 +40,8 @@ def dense_weight(module: nn.Module) -> torch.Tensor:
     dequantize = getattr(module, "dequantize_weight", None)
     if callable(dequantize):
         weight = dequantize()
+    elif is_4bit(module):  # a bitsandbytes Linear4bit
+        weight = dequantize_4bit_weight(module)  # (out, in)
     return weight.t() if is_conv1d(module) else weight
 
 

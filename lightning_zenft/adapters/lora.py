@@ -33,7 +33,7 @@ from torch import nn
 
 from lightning_zenft.adapters._base import add_to_weight, dense_weight, linear_features
 
-LoRAInit = Literal["kaiming", "gaussian", "pissa"]
+LoRAInit = Literal["kaiming", "gaussian", "pissa", "loftq"]
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -188,8 +188,13 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B.weight)
         elif self.init == "pissa":
             self._pissa_init()
+        elif self.init == "loftq":
+            # QLoRA's start until LoftQ runs: LoftQ needs the 4-bit quantizer, so precision.apply_loftq sets A, B and
+            # the 4-bit base (the LoRA callback calls it at setup; NF4Precision refuses a layer it missed).
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
         else:
-            raise ValueError(f"init={self.init!r} is not one of 'kaiming', 'gaussian', 'pissa'.")
+            raise ValueError(f"init={self.init!r} is not one of 'kaiming', 'gaussian', 'pissa', 'loftq'.")
 
     def _pissa_init(self) -> None:
         if self.pissa_A0 is not None:

@@ -106,6 +106,9 @@ class AdapterCallback(Callback):
         before a checkpoint is read (then injection waits for the checkpoint's saved config)."""
         return self.config
 
+    def after_injection(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:  # noqa: B027 - optional
+        """Work a method does once its modules are in place (LoRA's LoftQ start needs the precision plugin)."""
+
     def config_from_checkpoint(self, saved: dict[str, Any]) -> AdapterConfig:
         """This callback's config completed with the values a checkpoint resolved (e.g. the rank ``"auto"`` chose)."""
         return self.config
@@ -177,6 +180,7 @@ class AdapterCallback(Callback):
             return
         self.config = config
         self._apply(pl_module, plan_adapters(pl_module, config))
+        self.after_injection(trainer, pl_module)
 
     def _apply(self, pl_module: pl.LightningModule, plan: AdapterPlan) -> None:
         apply_plan(pl_module, plan)
@@ -193,6 +197,9 @@ class AdapterCallback(Callback):
     def check_checkpoint(self, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Compare a checkpoint's adapter state with this callback before the model's tensors load (see the module
         docstring); inject now if injection waited for the checkpoint's saved config."""
+        from lightning_zenft.precision.resume import check_resume_precision
+
+        check_resume_precision(pl_module.trainer, checkpoint)  # a 4-bit run's adapters need the 4-bit base
         states = checkpoint.get("callbacks") or {}
         saved = states.get(self.state_key)
         name = type(self).__name__

@@ -28,7 +28,8 @@ class LoRA(AdapterCallback):
         target_modules: a preset (``"all-linear"``, ``"attention"``, ``"mlp"``), a list of names/suffixes or a regex.
         exclude_modules: layers to skip (names/suffixes or a regex).
         use_rslora: scale by ``alpha / sqrt(r)``.
-        init: ``"kaiming"``, ``"gaussian"`` or ``"pissa"``.
+        init: ``"kaiming"``, ``"gaussian"``, ``"pissa"``, or ``"loftq"`` (with ``NF4Precision``: LoftQ at setup).
+        loftq_iters: LoftQ's number of alternations of quantization and SVD (``init="loftq"``).
         rank_pattern: per-layer ranks, ``{name_suffix_regex: r}``.
         alpha_pattern: per-layer alphas.
         bias: which biases train: ``"none"``, ``"all"``, ``"lora_only"``.
@@ -58,6 +59,13 @@ class LoRA(AdapterCallback):
         r = resolve_lora_rank_auto(n_params, n_samples)
         rank_zero_info(f"{type(self).__name__}: r='auto' -> r={r} for {n_params:,} params and {n_samples:,} samples")
         return dataclasses.replace(self.config, r=r)
+
+    def after_injection(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.config.init == "loftq":  # Q and A, B from the plugin's own quantizer (precision.apply_loftq)
+            from lightning_zenft.precision.loftq import apply_loftq
+
+            device = trainer.strategy.root_device
+            apply_loftq(pl_module, trainer.precision_plugin, self.config.loftq_iters, device=device)
 
     def config_from_checkpoint(self, saved: dict[str, Any]) -> LoRAConfig:
         r = saved.get("config", {}).get("r")

@@ -33,8 +33,11 @@ class LoRAConfig(AdapterConfig):
     """Scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (learned per-output magnitude)."""
-    init: Literal["kaiming", "gaussian", "pissa"] = "kaiming"
-    """Initialization of A and B (PiSSA rewrites the base weight to its SVD residual)."""
+    init: Literal["kaiming", "gaussian", "pissa", "loftq"] = "kaiming"
+    """Initialization of A and B (PiSSA rewrites the base weight to its SVD residual; LoftQ, with NF4Precision, sets
+    A, B and the 4-bit base so that ``Q + s B A`` is close to ``W``)."""
+    loftq_iters: int = 1
+    """LoftQ's alternations of quantization and SVD (``init="loftq"`` only)."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-layer rank overrides: a key matches a layer whose full name ends with it (regex, dot-aligned)."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -71,8 +74,12 @@ class LoRAConfig(AdapterConfig):
         for flag in ("use_rslora", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"{flag}={getattr(self, flag)!r} must be True or False")
-        if self.init not in ("kaiming", "gaussian", "pissa"):
-            problems.append(f"init={self.init!r} must be 'kaiming', 'gaussian' or 'pissa'")
+        if self.init not in ("kaiming", "gaussian", "pissa", "loftq"):
+            problems.append(f"init={self.init!r} must be 'kaiming', 'gaussian', 'pissa' or 'loftq'")
+        if self.init == "loftq" and self.use_dora:
+            problems.append("init='loftq' is for LoRA (DoRA's magnitude rescales rows); use LoRA or another init")
+        if not isinstance(self.loftq_iters, int) or isinstance(self.loftq_iters, bool) or self.loftq_iters < 1:
+            problems.append(f"loftq_iters={self.loftq_iters!r} must be a positive integer")
         for key, value in self.rank_pattern.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append(f"rank_pattern[{key!r}]={value!r} must be a positive integer")
@@ -128,7 +135,8 @@ class LoRAConfig(AdapterConfig):
     def layer_kwargs(self, name: str, *, initialize: bool = True) -> dict[str, Any]:
         if self.r == "auto":
             raise ValueError("LoRAConfig(r='auto') must be resolved to a rank first (the LoRA callback does it).")
-        init = self.init if initialize or self.init != "pissa" else "kaiming"
+        # weights loaded next: no initialization that rewrites the base (PiSSA's SVD, LoftQ's quantized base)
+        init = self.init if initialize or self.init not in ("pissa", "loftq") else "kaiming"
         return {
             "r": int(pattern_value(name, self.rank_pattern, self.r)),
             "alpha": float(pattern_value(name, self.alpha_pattern, self.alpha)),

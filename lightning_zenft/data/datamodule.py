@@ -10,10 +10,18 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_zenft.data.paths import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE, DEFAULT_TASK_VAL_FILE
+from lightning_zenft.data.paths import (
+    DEFAULT_BASE_MODEL_DIR,
+    DEFAULT_TASK_FILE,
+    DEFAULT_TASK_VAL_FILE,
+    check_pretrained_source,
+)
+from lightning_zenft.data.resumable import ResumableDataLoader, ResumableSampler
 from lightning_zenft.data.text import CausalLMCollator, TokenizedDataset, pack, read_records, tokenize_records
 
 
@@ -39,7 +47,16 @@ class TextDataModule(L.LightningDataModule):
         val_fraction: with no ``val_file``, hold out this share of the train records (chosen with ``seed``) for
             validation.
         num_workers: ``DataLoader`` worker processes.
-        seed: seed of the val split and of the train shuffling (a seeded generator, so runs repeat).
+        seed: seed of the val split and of the train shuffling: epoch ``e`` is shuffled by a generator seeded
+            ``seed + e``, so runs repeat.
+
+    Resuming: the training loader's position (epoch and batches handed out) goes into Lightning checkpoints, so
+    ``trainer.fit(..., ckpt_path=...)`` continues with exactly the batches an uninterrupted run would have seen, at an
+    epoch boundary or mid-epoch, with worker processes too, and under several processes (each rank takes its share
+    of the epoch's order). It holds while the data and its settings (file, ``batch_size``, ``seed``, ``max_length``,
+    ``packing``, number of processes) are those of the checkpoint; a changed size, seed, batch size or process count
+    is an error at resume, while a changed file of the same length is not detected. The Trainer's
+    ``overfit_batches`` replaces the shuffling sampler: such a run resumes from the start of its epoch.
 
     Example:
         >>> data = TextDataModule(max_length=64, batch_size=4)  # the embedded default task
@@ -98,6 +115,7 @@ class TextDataModule(L.LightningDataModule):
             from transformers import AutoTokenizer
 
             source = self.hparams.tokenizer if self.hparams.tokenizer is not None else str(DEFAULT_BASE_MODEL_DIR)
+            check_pretrained_source(str(source), "tokenizer")
             self._tokenizer = AutoTokenizer.from_pretrained(source)
         return self._tokenizer
 
@@ -158,29 +176,65 @@ class TextDataModule(L.LightningDataModule):
             self.test_dataset = self._build(read_records(self.hparams.test_file), str(self.hparams.test_file))
 
     def _loader(self, dataset: TokenizedDataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
-            generator=generator,
             collate_fn=CausalLMCollator.for_tokenizer(self.tokenizer),
             num_workers=self.hparams.num_workers,
             persistent_workers=self.hparams.num_workers > 0,
         )
 
     @override
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableDataLoader:
+        """The shuffled training batches; their position is saved in Lightning checkpoints (see the class doc).
+
+        Example:
+            >>> dm = TextDataModule(max_length=64, batch_size=4)
+            >>> loader = dm.train_dataloader()
+            >>> _ = next(iter(loader))
+            >>> loader.state_dict()["batches"]
+            1
+        """
         self.setup("fit")
         assert self.train_dataset is not None
-        return self._loader(self.train_dataset, shuffle=True)
+        trainer = self.trainer
+        world, rank, epoch = (1, 0, 0) if trainer is None else (trainer.world_size, trainer.global_rank,
+                                                                trainer.current_epoch)  # fmt: skip
+        sampler = ResumableSampler(self.train_dataset, seed=self.hparams.seed, num_replicas=world, rank=rank)
+        return ResumableDataLoader(
+            self.train_dataset,
+            first_epoch=epoch,
+            batch_size=self.hparams.batch_size,
+            sampler=sampler,
+            collate_fn=CausalLMCollator.for_tokenizer(self.tokenizer),
+            num_workers=self.hparams.num_workers,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
 
     @override
     def val_dataloader(self) -> DataLoader | list[Any]:
+        """The validation batches; ``[]`` when there is no validation data (a warning in ``fit``, an error in
+        ``validate``), so that a Trainer's ``val_check_interval`` is never silently a no-op.
+
+        Example:
+            >>> len(TextDataModule(max_length=64).val_dataloader())  # the default task's val split, batch 8
+            25
+        """
         self.setup("validate")
-        if self.val_dataset is None:
-            return []  # no val_file and val_fraction == 0: Lightning skips validation
-        return self._loader(self.val_dataset, shuffle=False)
+        if self.val_dataset is not None:
+            return self._loader(self.val_dataset, shuffle=False)
+        why = "TextDataModule has no validation data (no val_file, val_fraction=0)"
+        fn = None if self.trainer is None else self.trainer.state.fn
+        if fn == TrainerFn.VALIDATING:
+            raise ValueError(f"{why}; pass val_file=<path.jsonl> or val_fraction=0.05 to run trainer.validate.")
+        if fn == TrainerFn.FITTING:
+            rank_zero_warn(
+                f"{why}, so the validation this fit asks for (val_check_interval="
+                f"{self.trainer.val_check_interval!r}) runs nothing. Pass val_file=<path.jsonl> or val_fraction=0.05 "
+                "for validation, or set the Trainer's limit_val_batches=0 to skip it."
+            )
+        return []
 
     @override
     def test_dataloader(self) -> DataLoader:

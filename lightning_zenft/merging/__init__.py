@@ -14,6 +14,7 @@
 The ``MergeAdapters`` callback and ``zenft merge`` are built on these.
 """
 
+from lightning_zenft.adapters._bnb import dequantize_4bit_weight
 from lightning_zenft.merging.adapter_files import AdapterFile, load_adapter_layers
 from lightning_zenft.merging.adapters import adapted_weight, merge_and_unload
 from lightning_zenft.merging.export import ExportReport, export_merged
@@ -25,7 +26,7 @@ from lightning_zenft.merging.lora_combine import (
     low_rank,
 )
 from lightning_zenft.merging.pretrained import MergeReport, merge_pretrained
-from lightning_zenft.merging.quantized import QuantizationError, dequantize_4bit_weight, merge_into_4bit
+from lightning_zenft.merging.quantized import QuantizationError, merge_into_4bit
 from lightning_zenft.merging.task_vectors import (
     METHODS,
     GlobalMagnitudeThreshold,

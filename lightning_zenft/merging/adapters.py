@@ -25,14 +25,8 @@ from torch import nn
 
 from lightning_zenft.adapters import Mergeable, find_adapters
 from lightning_zenft.adapters._base import dense_weight, is_conv1d
-from lightning_zenft.merging.quantized import (
-    QuantizationError,
-    dense_copy,
-    dense_dtype,
-    dequantize_4bit_weight,
-    is_4bit,
-    merge_into_4bit,
-)
+from lightning_zenft.adapters._bnb import dense_dtype, is_4bit
+from lightning_zenft.merging.quantized import QuantizationError, dense_copy, merge_into_4bit
 
 Quantized = Literal["dequantize", "requantize"]
 
@@ -61,7 +55,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def base_dense_weight(base: nn.Module) -> torch.Tensor:
     """A base layer's dense ``(out, in)`` weight: dequantized for 4-bit layers, transposed for ``Conv1D``."""
-    return dequantize_4bit_weight(base) if is_4bit(base) else dense_weight(base)
+    return dense_weight(base)
 
 
 def adapted_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from lightning_zenft.adapters._base import is_conv1d
+from lightning_zenft.adapters._bnb import dense_dtype, dequantize_4bit_weight, is_4bit
 from lightning_zenft.merging.adapters import (
     Quantized,
     _check_mergeable,
@@ -35,16 +36,7 @@ from lightning_zenft.merging.adapters import (
     adapted_weight,
     base_dense_weight,
 )
-from lightning_zenft.merging.quantized import (
-    QuantizationError,
-    dense_dtype,
-    dequantize_4bit_weight,
-    is_4bit,
-    quantization_error,
-    quantize_like,
-    state_shape,
-)
-from lightning_zenft.merging.safetensors_io import TensorEntry
+from lightning_zenft.merging.quantized import QuantizationError, quantization_error, quantize_like, state_shape
 from lightning_zenft.merging.streaming import (
     atomic_directory,
     check_destination,
@@ -53,6 +45,7 @@ from lightning_zenft.merging.streaming import (
     progress_bar,
     write_sharded,
 )
+from lightning_zenft.safetensors_io import TensorEntry
 
 
 @dataclass

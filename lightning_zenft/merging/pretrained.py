@@ -42,7 +42,6 @@ import torch
 
 from lightning_zenft.merging.adapter_files import AdapterFile, load_adapter_layers
 from lightning_zenft.merging.quantized_files import DequantizedWeights, open_weights
-from lightning_zenft.merging.safetensors_io import TensorEntry
 from lightning_zenft.merging.streaming import (
     PretrainedWeights,
     atomic_directory,
@@ -60,6 +59,7 @@ from lightning_zenft.merging.task_vectors import (
     merge_task_tensors,
     seeded_generator,
 )
+from lightning_zenft.safetensors_io import TensorEntry
 
 Trim = Literal["tensor", "global"]
 Weights = PretrainedWeights | DequantizedWeights

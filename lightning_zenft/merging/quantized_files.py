@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_zenft.merging.quantized import _bnb_functional
-from lightning_zenft.merging.safetensors_io import TensorEntry
+from lightning_zenft.adapters._bnb import _bnb_functional
 from lightning_zenft.merging.streaming import PretrainedWeights
+from lightning_zenft.safetensors_io import TensorEntry
 
 _STATE = ("quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
 _PARTS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", *_STATE)

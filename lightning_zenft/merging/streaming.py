@@ -2,7 +2,7 @@
 
 * :class:`PretrainedWeights` reads a model directory as ``transformers`` writes it: ``model.safetensors``, or
   ``model.safetensors.index.json`` whose ``weight_map`` names the shard of every tensor. Tensors are read one at a
-  time (:class:`~lightning_zenft.merging.safetensors_io.SafetensorsReader`), so memory holds one tensor, not a shard.
+  time (:class:`~lightning_zenft.safetensors_io.SafetensorsReader`), so memory holds one tensor, not a shard.
 * :func:`plan_shards` lays out output tensors in shards (the base's own layout, or a size limit), and
   :func:`write_sharded` writes them with an index as ``transformers`` does (``model-00001-of-00003.safetensors`` +
   ``model.safetensors.index.json``; a single ``model.safetensors`` without index when one shard holds everything).
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from lightning_zenft.merging.safetensors_io import SafetensorsReader, TensorEntry, write_safetensors
+from lightning_zenft.safetensors_io import SafetensorsReader, TensorEntry, write_safetensors
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

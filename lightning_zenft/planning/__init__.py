@@ -2,7 +2,7 @@
 
 from lightning_zenft.planning.commands import estimate_main, recommend_main
 from lightning_zenft.planning.lr import lr_find_from_recommendation
-from lightning_zenft.planning.measure import saved_activation_bytes
+from lightning_zenft.planning.measure import saved_activation_bytes, saved_tensor_bytes
 from lightning_zenft.planning.memory import MemoryEstimate, estimate_memory, resolve_target_modules
 from lightning_zenft.planning.model_info import ModelInfo, ModelResolutionError, parse_size, resolve_model
 from lightning_zenft.planning.recommend import (
@@ -40,4 +40,5 @@ __all__ = [
     "resolve_model",
     "resolve_target_modules",
     "saved_activation_bytes",
+    "saved_tensor_bytes",
 ]

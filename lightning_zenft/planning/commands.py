@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import get_args
 
+from lightning_zenft.planning.fit_config import run_blockers
 from lightning_zenft.planning.memory import Device, Method, Optimizer, Precision, estimate_memory
 from lightning_zenft.planning.recommend import TASKS, Recommendation, recommend
 
@@ -65,10 +67,14 @@ def _recommend_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-performance", action="store_true", help="maximum task performance is required")
     parser.add_argument("--nodes", type=_positive_int, default=1, help="nodes available (default 1)")
     parser.add_argument("--gpus", type=_positive_int, default=1, help="GPUs per node (default 1)")
-    parser.add_argument("--batch", type=_positive_int, default=1, help="micro-batch per GPU for the memory check")
-    parser.add_argument("--seq", type=_positive_int, default=2048, help="sequence length for the memory check")
-    parser.add_argument("--checkpointing", action="store_true", help="assume gradient checkpointing")
+    parser.add_argument("--batch", type=_positive_int, default=1,
+                        help="micro-batch per GPU (memory check and data.batch_size)")  # fmt: skip
+    parser.add_argument("--seq", type=_positive_int, default=2048,
+                        help="sequence length (memory check and data.max_length)")  # fmt: skip
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (memory and config)")
     parser.add_argument("--train-file", default="train.jsonl", help="data.train_file in the config")
+    parser.add_argument("--max-steps", type=_positive_int, default=None,
+                        help="trainer.max_steps in the config (default: none, the epochs decide)")  # fmt: skip
     return parser
 
 
@@ -102,12 +108,26 @@ def recommend_main(argv: list[str]) -> int:
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(rec.to_yaml(train_file=args.train_file), encoding="utf-8")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(rec.to_yaml(train_file=args.train_file, max_steps=args.max_steps), encoding="utf-8")
+    tmp.replace(out)
+    blockers = run_blockers(rec, args.train_file)
+    command = f"zenft fit --config {shlex.quote(str(out))}"
     if args.json:
-        print(json.dumps({**rec.to_dict(), "config_path": str(out)}))
+        print(json.dumps({**rec.to_dict(), "config_path": str(out), "fit_command": command, "blockers": blockers}))
         return 0
     print(_format_recommendation(rec))
-    print(f"\nWrote {out} (train with: zenft fit --config {out})")
+    if not blockers:
+        print(f"\nWrote {out}. Train with: {command}")
+    else:
+        print(f"\nWrote {out}. Before `{command}` runs:")
+        print("".join(f"  - {blocker}\n" for blocker in blockers), end="")
+    if rec.nodes * rec.gpus > 1:
+        print(
+            f"  The config runs Lightning's FSDP strategy on {rec.gpus} GPU(s) x {rec.nodes} node(s): start it on "
+            "each node as Lightning documents for multi-node runs. This lightning_zenft's tests do not run FSDP "
+            "with adapters yet."
+        )
     return 0
 
 
@@ -129,7 +149,12 @@ def _format_recommendation(rec: Recommendation) -> str:
             f"saturation {thresholds['saturation']:,})",
             "data",
         ),
-        ("memory", f"{rec.memory_bytes[rec.method] / 1024**3:.1f} GiB per GPU for {rec.method}", "memory"),
+        (
+            "memory",
+            f"{rec.memory_bytes[rec.method] / 1024**3:.1f} GiB per GPU for {rec.method} "
+            f"(the figure of: {rec.estimate_commands[rec.method]})",
+            "memory",
+        ),
     ]
     lines = [f"Recommendation for {rec.model} ({rec.n_params / 1e9:.2f}B params), {rec.task}, {rec.samples:,} samples"]
     for label, value, key in rows:

@@ -13,9 +13,9 @@ precision      full fine-tuning                       frozen base (LoRA)      4-
 
 ``s`` is the number of optimizer states per parameter: 2 for AdamW (``exp_avg``, ``exp_avg_sq``), 1 for SGD
 with momentum. With ``mixed`` precision and AdamW that is ``2 + 2 + 4 + 8 = 16`` bytes per parameter, so a 7B
-full fine-tune holds 112 GB before activations; SGD with momentum needs 12. In the "copies of the model" view
-with ``B`` bytes per value, Adam keeps four copies (``4NB``: weights, gradients, two states) and SGD three
-(weights, gradients, one momentum; ``2NB`` without the gradient). Adapter parameters are counted like full
+full fine-tune holds 112e9 bytes (104.3 GiB) before activations; SGD with momentum needs 12. In the "copies of
+the model" view with ``B`` bytes per value, Adam keeps four copies (``4NB``: weights, gradients, two states) and
+SGD three (weights, gradients, one momentum; ``2NB`` without the gradient). Adapter parameters are counted like full
 fine-tuning weights, except that under ``mixed`` they are held in fp32 (``4 + 4 + 4 s``). Under FSDP the
 weights, gradients and optimizer states are sharded: each GPU holds ``1 / G`` of them.
 
@@ -46,8 +46,11 @@ kernel keeps ``q, k, v``, its output and an fp32 log-sum-exp of ``b*a*s`` values
     attention       e*bs*(a*d + 2*k*d + a*d) + 4*b*a*s      (q, k after RoPE, v, output, log-sum-exp)
     SwiGLU MLP      4 * e*bsi                                (gate output, silu(gate), up output, their product)
     LoRA            e*bs*r per adapted linear (x @ A^T, kept for dB); with dropout the adapter keeps its own
-                    dropped copy of the input plus the mask: (e + m)*bs*in per adapted linear, where the mask
-                    takes m = 1 byte on CUDA (fused dropout kernel) and m = e on CPU (a mask in the input dtype)
+                    dropped copy of the input (for dA) instead of the shared input, plus the mask where the
+                    input itself needs a gradient (not q/k/v of the first layer, fed by the frozen embedding):
+                    (e + m)*bs*in per adapted linear, where the mask takes m = 1 byte on CUDA (fused dropout
+                    kernel) and m = e on CPU (a mask in the input dtype); o_proj's copy and mask come on top of
+                    the attention output that attention keeps anyway
 
 Per layer with full fine-tuning this is ``bs*((8 + 4e)*h + e*(2*a*d + 2*k*d) + 4e*i) + 8bs + 4bas``. A frozen
 base drops the two ``e*bsh`` normalized-input terms and saves linear inputs only for adapted layers; the first
@@ -173,12 +176,18 @@ class MemoryEstimate:
         return out
 
     def format(self) -> str:
-        """A small table in GiB for printing."""
+        """A small table in GiB (2^30 bytes) for printing; ``to_dict`` has the bytes.
+
+        Example::
+
+            >>> print(estimate_memory("7B", "full").format().splitlines()[-1])
+              total per GPU     116.35 GiB
+        """
         rank = f", rank {self.rank}" if self.rank is not None else ""
         lines = [
             f"{self.method} on {self.model} ({self.n_params / 1e9:.2f}B params, {self.trainable_params:,} trainable"
             f"{rank}), batch {self.batch} x seq {self.seq}, {self.optimizer}, {self.precision} precision, "
-            f"{self.gpus} GPU(s), checkpointing {'on' if self.checkpointing else 'off'}",
+            f"{self.gpus} GPU(s), checkpointing {'on' if self.checkpointing else 'off'}; GiB = 2^30 bytes",
         ]
         for label, value in (
             ("weights", self.weights_bytes),
@@ -218,29 +227,32 @@ def _layer_bytes(
     shapes = info.linear_shapes()
     adapted = set(targets) if not full else set()
 
-    def saved_inputs(names: tuple[str, ...], width: int) -> int:
+    def saved_inputs(names: tuple[str, ...], width: int, input_live: bool) -> int:
         if full:
             return e * bs * width  # one tensor shared by the layers reading it
         hit = [name for name in names if name in adapted]
         if not hit:
             return 0
         if dropout > 0 and fused is None:
-            return len(hit) * (e + mask_bytes) * bs * width  # each adapter keeps its dropped copy and its mask
+            # each adapter keeps its dropped copy (for dA); the mask only when the input itself needs a gradient
+            return len(hit) * (e + (mask_bytes if input_live else 0)) * bs * width
         return e * bs * width  # fused kernels keep a seed, not a mask, and one input per group
 
     total = 0
     if live_in:
         total += _norm_bytes(bs, h, e, full)
-    total += saved_inputs(("q_proj", "k_proj", "v_proj"), h)
+    total += saved_inputs(("q_proj", "k_proj", "v_proj"), h, live_in)
     attn_live = live_in or bool(adapted & {"q_proj", "k_proj", "v_proj"})
     if attn_live:
         total += e * bs * (2 * q_width + 2 * kv_width) + 4 * b * info.num_heads * s
+        if dropout > 0 and fused is None and not full:
+            total += saved_inputs(("o_proj",), q_width, True)  # its dropped copy and mask, beside the kept output
     elif "o_proj" in adapted:
-        total += saved_inputs(("o_proj",), q_width)  # not shared with a saved attention output
+        total += saved_inputs(("o_proj",), q_width, False)  # not shared with a saved attention output
     mid_live = attn_live or "o_proj" in adapted
     if mid_live:
         total += _norm_bytes(bs, h, e, full)
-    total += saved_inputs(("gate_proj", "up_proj"), h)
+    total += saved_inputs(("gate_proj", "up_proj"), h, mid_live)
     gate_live = mid_live or "gate_proj" in adapted
     up_live = mid_live or "up_proj" in adapted
     if gate_live:
@@ -251,7 +263,7 @@ def _layer_bytes(
     if fused_mlp and fused == "recompute":
         pass  # act(gate) * up is recomputed in backward, not kept for down's adapter
     else:
-        total += saved_inputs(("down_proj",), i)
+        total += saved_inputs(("down_proj",), i, gate_live or up_live)
     total += sum(e * bs * rank for name in shapes if name in adapted)
     return total, mid_live or gate_live or up_live or "down_proj" in adapted
 

@@ -30,9 +30,12 @@ Data needed (minimum / recommended / saturation samples for a 7B LoRA r64), scal
 
 Method: full fine-tuning when the task diverges strongly from the base distribution, data exceeds 500K
 samples, maximum task performance is required, or several nodes are available; LoRA otherwise; QLoRA when
-the bf16 base plus LoRA training memory does not fit the GPU but a 4-bit base does. Memory comes from
-:func:`~lightning_zenft.planning.memory.estimate_memory`, accepted when at most 90% of the GPU memory
-(headroom for the CUDA context, allocator fragmentation and transient buffers).
+the bf16 base plus LoRA training memory does not fit the GPU but a 4-bit base does (and this installation has
+the 4-bit plugin), then gradient checkpointing if nothing fits without it. Memory comes from
+:func:`~lightning_zenft.planning.memory.estimate_memory` with the settings the written config runs with,
+accepted when at most 90% of the GPU memory (headroom for the CUDA context, allocator fragmentation and
+transient buffers): :mod:`~lightning_zenft.planning.recipe_memory`. The config itself:
+:mod:`~lightning_zenft.planning.fit_config`.
 """
 
 from __future__ import annotations
@@ -40,11 +43,10 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Literal
 
-from lightning_zenft.planning.memory import estimate_memory
 from lightning_zenft.planning.model_info import ModelInfo, resolve_model
+from lightning_zenft.planning.recipe_memory import LORA_DROPOUT, choose_by_memory, nf4_precision_available
 
 __all__ = [
     "TASKS",
@@ -82,8 +84,6 @@ LORA_LR_K = 0.22
 LORA_LR_DATA_RANGE = (500, 500_000)
 DATA_SCALE_EXPONENT = 0.3
 FULL_FT_MIN_SAMPLES = 500_000
-MEMORY_HEADROOM = 0.9
-_GIB = 1024**3
 
 Method = Literal["full", "lora", "qlora"]
 Verdict = Literal["below minimum", "fine", "past saturation"]
@@ -260,60 +260,41 @@ class Recommendation:
     data_verdict: Verdict
     data_thresholds: dict[str, int]
     memory_bytes: dict[str, int]
-    """Estimated per-GPU training memory of each method under the assumed batch and sequence length."""
+    """Per-GPU training memory of each method, as ``zenft estimate`` gives it under the settings the config runs
+    with (``estimate_commands`` holds each command)."""
     gpu_mem_gb: float | None
     reasons: dict[str, str] = field(default_factory=dict)
     """Why each choice was made, keyed ``method``, ``rank``, ``learning_rate``, ``epochs``, ``data``, ``memory``."""
+    batch: int = 1
+    """Micro-batch per GPU (``data.batch_size`` of the config)."""
+    seq: int = 2048
+    """Tokens per example (``data.max_length`` of the config)."""
+    checkpointing: bool = False
+    """Gradient checkpointing (``model.gradient_checkpointing``); turned on when only that makes the run fit."""
+    gpus: int = 1
+    nodes: int = 1
+    fits: bool | None = None
+    """Whether the recommended run fits the GPU memory (``None``: no memory given)."""
+    estimate_commands: dict[str, str] = field(default_factory=dict)
+    """The ``zenft estimate`` command that prints each method's figure of ``memory_bytes``."""
 
     def to_dict(self) -> dict[str, object]:
         """Plain dict, JSON-ready."""
         return asdict(self)
 
-    def to_config(self, train_file: str = "train.jsonl", val_fraction: float = 0.05) -> dict[str, object]:
-        """The ``zenft fit`` config as a dict (what :meth:`to_yaml` writes)."""
-        callbacks: list[dict[str, object]] = []
-        if self.method != "full":
-            callbacks.append(
-                {
-                    "class_path": "lightning_zenft.LoRA",
-                    "init_args": {
-                        "r": self.rank,
-                        "alpha": self.alpha,
-                        "target_modules": self.target_modules,
-                        "dropout": self.dropout,
-                    },
-                }
-            )
-        callbacks.append(
-            {
-                "class_path": "lightning.pytorch.callbacks.EarlyStopping",
-                "init_args": {"monitor": "val_loss", "patience": 2},
-            }
-        )
-        trainer: dict[str, object] = {"max_epochs": self.epochs, "callbacks": callbacks}
-        if self.method == "qlora":
-            trainer["plugins"] = [{"class_path": "lightning_zenft.NF4Precision"}]
-        return {
-            "seed_everything": 0,
-            "trainer": trainer,
-            "model": {"model": self.model, "learning_rate": self.learning_rate},
-            "data": {"train_file": train_file, "val_fraction": val_fraction},
-        }
+    def to_config(
+        self, train_file: str = "train.jsonl", val_fraction: float = 0.05, max_steps: int | None = None
+    ) -> dict[str, object]:
+        """The ``zenft fit`` config as a dict (:func:`~lightning_zenft.planning.fit_config.fit_config`)."""
+        from lightning_zenft.planning.fit_config import fit_config
 
-    def to_yaml(self, train_file: str = "train.jsonl", val_fraction: float = 0.05) -> str:
-        """The ``zenft fit`` config as YAML text."""
-        try:
-            import yaml
-        except ImportError as err:  # pragma: no cover - pyyaml ships with jsonargparse
-            raise ImportError("Writing the YAML config needs PyYAML: pip install pyyaml") from err
-        text = yaml.safe_dump(self.to_config(train_file, val_fraction), sort_keys=False)
-        if not Path(self.model).is_dir():
-            text = f"# model.model is the size {self.model!r}: set it to the model's directory before running.\n" + text
-        return text
+        return fit_config(self, train_file, val_fraction, max_steps)
 
+    def to_yaml(self, train_file: str = "train.jsonl", val_fraction: float = 0.05, max_steps: int | None = None) -> str:
+        """The ``zenft fit`` config as YAML text (:func:`~lightning_zenft.planning.fit_config.fit_yaml`)."""
+        from lightning_zenft.planning.fit_config import fit_yaml
 
-def _gib(value: int) -> str:
-    return f"{value / _GIB:.1f} GiB"
+        return fit_yaml(self, train_file, val_fraction, max_steps)
 
 
 def recommend(
@@ -329,6 +310,7 @@ def recommend(
     batch: int = 1,
     seq: int = 2048,
     checkpointing: bool = False,
+    qlora_available: bool | None = None,
 ) -> Recommendation:
     """Recommend a fine-tuning recipe for a model, task and dataset size.
 
@@ -340,15 +322,18 @@ def recommend(
         divergent: the task diverges strongly from the base model's distribution (favors full fine-tuning).
         max_performance: maximum task performance is required (favors full fine-tuning).
         nodes: nodes available; more than one favors full fine-tuning.
-        gpus: GPUs per node; full fine-tuning is sharded (FSDP) over ``nodes * gpus``, while LoRA and QLoRA
-            are estimated per GPU with a full replica (data parallel).
-        batch: micro-batch size per GPU assumed by the memory check.
-        seq: sequence length assumed by the memory check.
-        checkpointing: assume gradient checkpointing in the memory check.
+        gpus: GPUs per node; every method is sharded (FSDP) over ``nodes * gpus``, as ``zenft estimate --gpus``
+            assumes, and the config runs Lightning's FSDP strategy there.
+        batch: micro-batch size per GPU, for the memory check and the config.
+        seq: sequence length, for the memory check and the config.
+        checkpointing: gradient checkpointing, for the memory check and the config; when off and nothing fits
+            without it, it is turned on if that makes a method fit.
+        qlora_available: whether this installation can run QLoRA (``lightning_zenft.NF4Precision`` exists);
+            ``None`` looks. Without it QLoRA is never recommended: the reason says when it would have been.
 
     Example::
 
-        >>> rec = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=24)
+        >>> rec = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=24, qlora_available=True)
         >>> rec.method
         'qlora'
     """
@@ -401,51 +386,14 @@ def recommend(
         "performance, multi-node)"
     )
 
-    # Memory.
+    # Memory: the figures of `zenft estimate` (one memory model) under the settings the written config runs with.
     rank = resolve_lora_rank_auto(n, samples)
-    common = {"batch": batch, "seq": seq, "checkpointing": checkpointing}
-    estimates = {
-        "full": estimate_memory(info, "full", gpus=nodes * gpus, **common),
-        "lora": estimate_memory(info, "lora", rank=rank, **common),
-        "qlora": estimate_memory(info, "qlora", rank=rank, **common),
-    }
-    memory_bytes = {name: est.total_bytes for name, est in estimates.items()}
-    assumed = f"batch {batch} x seq {seq}, checkpointing {'on' if checkpointing else 'off'}"
-    summary = ", ".join(f"{name} {_gib(value)}" for name, value in memory_bytes.items())
-    if gpu_mem_gb is None:
-        reasons["memory"] = f"no GPU memory given, fit not checked; per-GPU estimates ({assumed}): {summary}"
-    else:
-        budget = MEMORY_HEADROOM * gpu_mem_gb * _GIB
-
-        def fits(name: str) -> bool:
-            return memory_bytes[name] <= budget
-
-        notes = []
-        if method == "full" and not fits("full"):
-            notes.append(
-                f"full fine-tuning needs {_gib(memory_bytes['full'])} per GPU over {nodes * gpus} GPU(s), more "
-                f"than {MEMORY_HEADROOM:.0%} of {gpu_mem_gb:g} GiB: falling back to an adapter"
-            )
-            method = "lora"
-        if method == "lora" and not fits("lora"):
-            notes.append(f"the bf16 base with LoRA needs {_gib(memory_bytes['lora'])}, which does not fit")
-            method = "qlora"
-            if fits("qlora"):
-                notes.append(
-                    f"a 4-bit base (QLoRA) needs {_gib(memory_bytes['qlora'])}, which fits (the config names the "
-                    "NF4Precision plugin, which this version of lightning_zenft does not ship yet)"
-                )
-            else:
-                notes.append(
-                    f"even QLoRA needs {_gib(memory_bytes['qlora'])}: lower the batch or sequence length, enable "
-                    "gradient checkpointing, or use a GPU with more memory"
-                )
-        if notes:
-            method_reason += "; " + "; ".join(notes)
-        reasons["memory"] = (
-            f"per-GPU estimates ({assumed}) against {MEMORY_HEADROOM:.0%} of {gpu_mem_gb:g} GiB: {summary}; "
-            f"{method} {'fits' if fits(method) else 'does NOT fit'}"
-        )
+    can_qlora = nf4_precision_available() if qlora_available is None else qlora_available
+    choice = choose_by_memory(info, method, rank, gpu_mem_gb, batch, seq, nodes * gpus, checkpointing, can_qlora)
+    method = choice.method
+    if choice.notes:
+        method_reason += "; " + "; ".join(choice.notes)
+    reasons["memory"] = choice.reason
     reasons["method"] = method_reason
 
     # Adapter shape, learning rate, epochs.
@@ -470,7 +418,7 @@ def recommend(
             f"{lora_learning_rate(REFERENCE_PARAMS, samples):.2e} at 7B, x {size_factor:.2f} for "
             f"{n / 1e9:.2f}B params; the step rule says {lora_learning_rate_rule(samples):.0e}"
         )
-        adapter_rank, alpha, targets, dropout = rank, 2 * rank, "all-linear", 0.05
+        adapter_rank, alpha, targets, dropout = rank, 2 * rank, "all-linear", LORA_DROPOUT
     epoch_rule = "3-5 epochs for small sets" if samples <= 100_000 else "1-2 epochs above 100K samples"
     reasons["epochs"] = (
         f"at most {epochs} ({epoch_rule}); stop early on validation loss (EarlyStopping on val_loss, patience 2)"
@@ -489,7 +437,14 @@ def recommend(
         epochs=epochs,
         data_verdict=verdict,
         data_thresholds=thresholds,
-        memory_bytes=memory_bytes,
+        memory_bytes=choice.memory_bytes,
         gpu_mem_gb=gpu_mem_gb,
         reasons=reasons,
+        batch=batch,
+        seq=seq,
+        checkpointing=choice.checkpointing,
+        gpus=gpus,
+        nodes=nodes,
+        fits=choice.fits,
+        estimate_commands=choice.commands,
     )

@@ -118,3 +118,44 @@ def test_constructor_errors_name_the_value():
         TextDataModule(val_file="v.jsonl", val_fraction=0.1)
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         TextDataModule(batch_size=0)
+
+
+def _fit_one_step(data: TextDataModule, tmp_path: Path, **trainer_kwargs) -> None:
+    import lightning as L
+
+    from lightning_zenft import CausalLMModule
+
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        **trainer_kwargs)  # fmt: skip
+    trainer.fit(CausalLMModule(), datamodule=data)
+
+
+def test_val_check_interval_without_validation_data_is_said_at_start(tmp_path, recwarn):
+    path = write_jsonl(tmp_path / "t.jsonl", read_records(DEFAULT_TASK_FILE)[:8])
+    with pytest.warns(UserWarning, match=r"no validation data .* \(val_check_interval=1\) runs nothing"):
+        _fit_one_step(TextDataModule(train_file=path, max_length=32), tmp_path, val_check_interval=1)
+    recwarn.clear()
+    _fit_one_step(TextDataModule(train_file=path, max_length=32, val_fraction=0.25), tmp_path, val_check_interval=1)
+    assert not [w for w in recwarn if "no validation data" in str(w.message)]
+
+
+def test_validate_without_validation_data_is_an_error(tmp_path):
+    import lightning as L
+
+    from lightning_zenft import CausalLMModule
+
+    path = write_jsonl(tmp_path / "t.jsonl", read_records(DEFAULT_TASK_FILE)[:8])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ValueError, match=r"no validation data .* to run trainer.validate"):
+        trainer.validate(CausalLMModule(), datamodule=TextDataModule(train_file=path))
+
+
+@pytest.mark.parametrize("missing", ["/no/such/dir", "./no/such/dir", "~/no-such-model-dir", "a/b/c"])
+def test_a_missing_model_or_tokenizer_directory_is_named(missing):
+    from lightning_zenft import CausalLMModule
+
+    with pytest.raises(FileNotFoundError, match=rf"model='{missing}': the directory does not exist\..*'org/name'"):
+        CausalLMModule(model=missing)
+    with pytest.raises(FileNotFoundError, match=rf"tokenizer='{missing}': the directory does not exist"):
+        _ = TextDataModule(tokenizer=missing).tokenizer

@@ -161,3 +161,26 @@ def test_default_base_model_with_default_task_end_to_end():
     loader = iter(data.val_dataloader())
     expected = sum(reference_loss(module.model, next(loader)) for _ in range(2)) / 2
     assert trainer.callback_metrics["val_loss"].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_less():
+    from lightning_zenft import LoRAConfig, find_adapters, inject_adapters
+    from lightning_zenft.planning.measure import saved_activation_bytes
+
+    results = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        module = CausalLMModule(model_config=TINY, gradient_checkpointing=checkpointing)
+        inject_adapters(module.model, LoRAConfig(r=4, target_modules="all-linear"))  # frozen base and embedding
+        with torch.no_grad():
+            for _, layer in find_adapters(module.model):
+                layer.low_rank_factors()[1].normal_()  # B = 0 would give A no gradient
+        module.model.train()
+        loss, saved = saved_activation_bytes(module.model, fixed_batch()["input_ids"])
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad}
+        results[checkpointing] = (loss.item(), saved, grads)
+    (loss0, saved0, grads0), (loss1, saved1, grads1) = results[False], results[True]
+    assert loss0 == loss1 and grads0.keys() == grads1.keys()
+    assert all(torch.allclose(grads0[n], grads1[n], rtol=1e-5, atol=1e-7) for n in grads0)
+    assert saved1 < saved0 / 2  # each layer keeps its input only

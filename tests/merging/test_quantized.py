@@ -19,7 +19,7 @@ from lightning_zenft.merging import (
     merge_and_unload,
     merge_into_4bit,
 )
-from lightning_zenft.merging.safetensors_io import SafetensorsReader
+from lightning_zenft.safetensors_io import SafetensorsReader
 
 bnb = pytest.importorskip("bitsandbytes")
 functional = pytest.importorskip("bitsandbytes.functional")

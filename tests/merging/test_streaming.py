@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lightning_zenft.merging.safetensors_io import SafetensorsReader, TensorEntry, write_safetensors
 from lightning_zenft.merging.streaming import (
     INDEX_FILE,
     PretrainedWeights,
@@ -18,6 +17,7 @@ from lightning_zenft.merging.streaming import (
     plan_shards,
     write_sharded,
 )
+from lightning_zenft.safetensors_io import SafetensorsReader, TensorEntry, write_safetensors
 
 TENSORS = {
     "a": torch.randn(3, 5),

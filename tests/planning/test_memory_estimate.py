@@ -14,7 +14,9 @@ from lightning_zenft.planning.measure import saved_activation_bytes
 from lightning_zenft.planning.memory import NF4_BITS_PER_WEIGHT, estimate_memory, resolve_target_modules
 from lightning_zenft.planning.model_info import LINEAR_NAMES, resolve_model
 
-TOLERANCE = 0.15
+TOLERANCE = 0.15  # the estimate against a different measurement (reentrant checkpointing's saved inputs)
+SCALARS = 16
+"""Bytes the measurement holds that the estimate leaves out: the loss's saved scalars (4 to 12 bytes here)."""
 
 # (config kwargs, batch, seq, dtype): three shapes, GQA and MHA, tied and untied, fp32 and bf16.
 SHAPES = {
@@ -68,12 +70,17 @@ def rel_err(estimate: int, measured: int) -> float:
     return abs(estimate - measured) / measured
 
 
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
 @pytest.mark.parametrize("key", list(SHAPES))
 @pytest.mark.parametrize(
     ("method", "targets", "dropout"),
-    [("full", (), 0.0), ("lora", LINEAR_NAMES, 0.0), ("lora", ("q_proj", "k_proj", "v_proj", "o_proj"), 0.1)],
-    ids=["full", "lora-all-linear", "lora-attention-dropout"],
-)
+    [("full", (), 0.0), ("lora", LINEAR_NAMES, 0.0), ("lora", ATTENTION, 0.1), ("lora", LINEAR_NAMES, 0.1),
+     ("lora", ("gate_proj", "up_proj", "down_proj"), 0.1), ("lora", ("o_proj", "down_proj"), 0.1)],
+    ids=["full", "lora-all-linear", "lora-attention-dropout", "lora-all-linear-dropout", "lora-mlp-dropout",
+         "lora-o-down-dropout"],
+)  # fmt: skip
 def test_estimate_matches_measured(tmp_path_factory, key, method, targets, dropout):
     directory, model, ids = build(tmp_path_factory, key)
     rank = 4
@@ -92,9 +99,8 @@ def test_estimate_matches_measured(tmp_path_factory, key, method, targets, dropo
         lora_dropout=dropout,
         device="cpu",
     )
-    assert rel_err(est.activations_bytes, measured["activations"]) < TOLERANCE, (est, measured)
-    total_measured = sum(measured.values())
-    assert rel_err(est.total_bytes, total_measured) < TOLERANCE, (est.total_bytes, total_measured)
+    # Every saved storage is in the formula: dropped copies, masks only where the input needs a gradient, ...
+    assert 0 <= measured["activations"] - est.activations_bytes <= SCALARS, (est, measured)
     # Static memory is plain arithmetic: it must agree far more tightly (AdamW's scalar step counters aside).
     assert rel_err(est.weights_bytes, measured["weights"]) < 1e-3
     assert rel_err(est.gradients_bytes, measured["gradients"]) < 1e-3
@@ -205,7 +211,27 @@ def test_estimate_with_fused_kernels_matches_measured(tmp_path_factory, key, tar
     kwargs = dict(batch=batch, seq=seq, rank=4, precision="fp32" if dtype == torch.float32 else "bf16",
                   target_modules=list(targets), lora_dropout=dropout, device="cpu")  # fmt: skip
     est = estimate_memory(directory, "lora", fused_kernels=True, mlp_recompute=recompute, **kwargs)
-    assert rel_err(est.activations_bytes, measured["activations"]) < 0.02, (est.activations_bytes, measured)
+    assert 0 <= measured["activations"] - est.activations_bytes <= SCALARS, (est.activations_bytes, measured)
     eager = estimate_memory(directory, "lora", **kwargs)
     if dropout or targets == LINEAR_NAMES:
         assert est.activations_bytes < eager.activations_bytes  # what the fused functions do not keep
+
+
+def test_dropout_masks_closed_form():
+    """LoRA dropout on every linear layer: the CUDA estimate keeps 1-byte masks, the CPU one masks in the activation
+    dtype, and a mask is kept only where the layer's input needs a gradient (not q/k/v of the first layer, whose input
+    comes from the frozen embedding)."""
+    info = resolve_model("1.1B")
+    b, s, e = 2, 512, 2
+    h, i, q = info.hidden_size, info.intermediate_size, info.num_heads * info.head_dim
+    kwargs = dict(batch=b, seq=s, rank=8, precision="bf16", lora_dropout=0.1)
+    cuda = estimate_memory(info, "lora", device="cuda", **kwargs).activations_bytes
+    cpu = estimate_memory(info, "lora", device="cpu", **kwargs).activations_bytes
+    none = estimate_memory(info, "lora", **{**kwargs, "lora_dropout": 0.0}).activations_bytes
+    layers = info.num_layers
+    mask_values = b * s * (layers * (q + 2 * h + i) + (layers - 1) * 3 * h)  # o, gate, up, down; q, k, v after layer 0
+    assert cpu - cuda == (e - 1) * mask_values
+    # Dropout replaces each group's one shared input (q/k/v, gate/up) by one dropped copy per layer, and down's kept
+    # input (the product) by its dropped copy; o keeps its dropped copy beside the attention output kept anyway.
+    copies = b * s * layers * ((3 * h - h) + (2 * h - h) + q)
+    assert cuda - none == e * copies + 1 * mask_values

@@ -148,24 +148,58 @@ def test_full_finetuning_conditions():
     assert rec.learning_rate == pytest.approx(full_learning_rate(7e9))
 
 
+def lora_settings(method: str, gpus: int = 1, checkpointing: bool = False) -> dict:
+    """What a recommended run is estimated with: bf16 weights, dropout 0.05, rank 64 (20K samples)."""
+    return dict(rank=64, precision="bf16", lora_dropout=0.05, gpus=gpus, checkpointing=checkpointing)
+
+
 def test_qlora_when_bf16_base_does_not_fit_but_4bit_does():
-    lora = estimate_memory("7B", "lora", rank=64).total_bytes
-    qlora = estimate_memory("7B", "qlora", rank=64).total_bytes
+    lora = estimate_memory("7B", "lora", **lora_settings("lora")).total_bytes
+    qlora = estimate_memory("7B", "qlora", **lora_settings("qlora")).total_bytes
     between = (lora + qlora) / 2 / 0.9 / GIB  # GiB such that 90% of it lies between the two estimates
-    rec = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=between)
-    assert rec.method == "qlora"
-    assert "does not fit" in rec.reasons["method"] and "fits" in rec.reasons["memory"]
+    rec = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=between, qlora_available=True)
+    assert (rec.method, rec.checkpointing, rec.fits) == ("qlora", False, True)
+    assert "does not fit" in rec.reasons["method"] and "qlora fits" in rec.reasons["memory"]
     assert rec.memory_bytes == {"full": rec.memory_bytes["full"], "lora": lora, "qlora": qlora}
-    assert recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=lora / 0.9 / GIB * 1.01).method == "lora"
-    tiny = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=4)
-    assert tiny.method == "qlora" and "even QLoRA" in tiny.reasons["method"]
+    fits_lora = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=lora / 0.9 / GIB * 1.01, qlora_available=True)
+    assert fits_lora.method == "lora"
+    tiny = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=4, qlora_available=True)
+    assert (tiny.method, tiny.checkpointing, tiny.fits) == ("qlora", True, False)  # the closest to fitting
+    assert "nothing this lightning_zenft can run fits: even QLoRA with gradient checkpointing" in tiny.reasons["method"]
     assert "does NOT fit" in tiny.reasons["memory"]
+
+
+def test_without_the_4bit_plugin_qlora_is_named_but_not_recommended():
+    """The issue's case: 7B, 20K samples, 24 GiB. QLoRA would be the pick; LoRA with checkpointing is what runs."""
+    rec = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=24, qlora_available=False)
+    qlora = estimate_memory("7B", "qlora", **lora_settings("qlora")).total_bytes
+    lora_ckpt = estimate_memory("7B", "lora", **lora_settings("lora", checkpointing=True)).total_bytes
+    assert qlora <= 0.9 * 24 * GIB and lora_ckpt <= 0.9 * 24 * GIB  # both fit: QLoRA comes first in the chain
+    assert (rec.method, rec.checkpointing, rec.fits) == ("lora", True, True)
+    assert "QLoRA) would fit" in rec.reasons["method"] and "no NF4Precision plugin" in rec.reasons["method"]
+    config = yaml.safe_load(rec.to_yaml())
+    assert "plugins" not in config["trainer"] and config["model"]["gradient_checkpointing"] is True
+    none_fit = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=4, qlora_available=False)
+    assert (none_fit.method, none_fit.fits) == ("lora", False)
+    assert "a lightning_zenft with the NF4Precision plugin" in none_fit.reasons["method"]
+
+
+def test_checkpointing_is_turned_on_only_when_nothing_fits_without_it():
+    lora = estimate_memory("7B", "lora", **lora_settings("lora")).total_bytes
+    rec = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=lora / 0.9 / GIB * 1.01, qlora_available=False)
+    assert (rec.method, rec.checkpointing) == ("lora", False)
+    asked = recommend("7B", "instruction-simple", 20_000, gpu_mem_gb=80, checkpointing=True)
+    assert (
+        asked.checkpointing
+        and asked.memory_bytes["lora"]
+        == estimate_memory("7B", "lora", **lora_settings("lora", checkpointing=True)).total_bytes
+    )
 
 
 def test_full_finetuning_falls_back_when_it_does_not_fit():
     rec = recommend("7B", "ner", 20_000, gpu_mem_gb=80, divergent=True)
     assert rec.method == "lora"
-    assert "diverges" in rec.reasons["method"] and "falling back" in rec.reasons["method"]
+    assert "diverges" in rec.reasons["method"] and "falling back to the bf16 base with LoRA" in rec.reasons["method"]
     # Sharded over 2 nodes x 8 GPUs it fits: 112 GB / 16 plus activations.
     sharded = recommend("7B", "ner", 20_000, gpu_mem_gb=80, nodes=2, gpus=8)
     assert sharded.method == "full"
@@ -173,28 +207,45 @@ def test_full_finetuning_falls_back_when_it_does_not_fit():
     assert sharded.memory_bytes["full"] == expected < 0.9 * 80 * GIB
 
 
+def test_adapters_are_sharded_like_full_finetuning():
+    """The issue's case: 70B, 600K samples, 80 GiB, 8 GPUs x 2 nodes: every figure per GPU over 16 GPUs."""
+    rec = recommend("70B", "instruction-simple", 600_000, gpu_mem_gb=80, gpus=8, nodes=2, qlora_available=True)
+    for method in ("lora", "qlora"):
+        assert rec.memory_bytes[method] == estimate_memory("70B", method, **lora_settings(method, 16, True)).total_bytes
+    assert rec.memory_bytes["full"] == estimate_memory("70B", "full", gpus=16, checkpointing=True).total_bytes
+    assert rec.fits and rec.memory_bytes[rec.method] <= 0.9 * 80 * GIB
+    assert f"{rec.method} fits" in rec.reasons["memory"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "method"),
-    [({}, "lora"), ({"gpu_mem_gb": 20}, "qlora"), ({"nodes": 4, "gpus": 8, "gpu_mem_gb": 80}, "full")],
-)
+    [({}, "lora"), ({"gpu_mem_gb": 24, "qlora_available": True}, "qlora"),
+     ({"nodes": 4, "gpus": 8, "gpu_mem_gb": 80}, "full")],
+)  # fmt: skip
 def test_yaml_follows_the_fit_schema(kwargs, method):
-    rec = recommend("7B", "instruction-simple", 20_000, **kwargs)
+    rec = recommend("7B", "instruction-simple", 20_000, batch=2, seq=1024, **kwargs)
     assert rec.method == method
-    config = yaml.safe_load(rec.to_yaml())
+    config = yaml.safe_load(rec.to_yaml(max_steps=50))
     assert set(config) == {"seed_everything", "trainer", "model", "data"}
     assert config["seed_everything"] == 0
-    assert config["trainer"]["max_epochs"] == rec.epochs == 3
+    assert config["trainer"]["max_epochs"] == rec.epochs == 3 and config["trainer"]["max_steps"] == 50
     callbacks = {cb["class_path"]: cb["init_args"] for cb in config["trainer"]["callbacks"]}
-    assert callbacks["lightning.pytorch.callbacks.EarlyStopping"] == {"monitor": "val_loss", "patience": 2}
+    stopping = {"monitor": "val_loss", "patience": 2, "check_on_train_epoch_end": False}
+    assert callbacks["lightning.pytorch.callbacks.EarlyStopping"] == stopping
     if method == "full":
-        assert "lightning_zenft.LoRA" not in callbacks
+        assert "lightning_zenft.LoRA" not in callbacks and "lightning_zenft.SaveAdapter" not in callbacks
+        assert config["trainer"]["precision"] == "bf16-mixed"
+        assert config["model"] == {"model": "7B", "learning_rate": rec.learning_rate}
     else:
         assert callbacks["lightning_zenft.LoRA"] == {"r": 64, "alpha": 128, "target_modules": "all-linear",
                                                      "dropout": 0.05}  # fmt: skip
+        assert callbacks["lightning_zenft.SaveAdapter"] == {"dirpath": "adapter"}
+        assert config["model"] == {"model": "7B", "learning_rate": rec.learning_rate, "torch_dtype": "bfloat16"}
     plugins = config["trainer"].get("plugins", [])
     assert (plugins == [{"class_path": "lightning_zenft.NF4Precision"}]) == (method == "qlora")
-    assert config["model"] == {"model": "7B", "learning_rate": rec.learning_rate}
-    assert config["data"] == {"train_file": "train.jsonl", "val_fraction": 0.05}
+    multi = {"devices": 8, "num_nodes": 4, "strategy": "fsdp"}
+    assert {k: config["trainer"].get(k) for k in multi} == (multi if "nodes" in kwargs else dict.fromkeys(multi))
+    assert config["data"] == {"train_file": "train.jsonl", "val_fraction": 0.05, "batch_size": 2, "max_length": 1024}
 
 
 def test_recommended_rates_are_the_laws_rounded():
@@ -205,12 +256,15 @@ def test_recommended_rates_are_the_laws_rounded():
     assert "early" in rec.reasons["epochs"]
 
 
-def test_yaml_for_a_size_string_says_to_set_the_directory(tmp_path):
-    import yaml
-
+def test_yaml_says_what_to_set_before_it_runs(tmp_path):
     text = recommend("7B", "instruction-simple", 20_000, 24).to_yaml()
-    assert text.startswith("# model.model is the size '7B'")
+    assert text.startswith("# Before running: set model.model to the model's directory: '7B' is a size")
+    assert "# Before running: write the training data to 'train.jsonl'" in text
     assert yaml.safe_load(text)["model"]["model"] == "7B"
-    from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR
+    from lightning_zenft.data import DEFAULT_BASE_MODEL_DIR, DEFAULT_TASK_FILE
 
-    assert not recommend(str(DEFAULT_BASE_MODEL_DIR), "instruction-simple", 2_000).to_yaml().startswith("#")
+    runnable = recommend(str(DEFAULT_BASE_MODEL_DIR), "instruction-simple", 2_000)
+    assert not runnable.to_yaml(train_file=str(DEFAULT_TASK_FILE)).startswith("#")
+    too_big = recommend(str(DEFAULT_BASE_MODEL_DIR), "instruction-simple", 2_000, gpu_mem_gb=1e-4)
+    assert too_big.fits is False
+    assert too_big.to_yaml(train_file=str(DEFAULT_TASK_FILE)).startswith("# Before running: the run does NOT fit")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +98,21 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         """Tensor names in the order of their data in the file."""
         return sorted(self.entries, key=lambda name: self._offsets[name][0])
+
+    def read_chunks(self, name: str, chunk: int) -> Iterator[torch.Tensor]:
+        """The tensor ``name`` as flat pieces of at most ``chunk`` values, read through one reused buffer (a piece is
+        valid until the next one is read)."""
+        entry = self.entries[name]
+        begin, end = self._offsets[name]
+        size = torch.empty((), dtype=entry.dtype).element_size()
+        buffer = bytearray(max(1, min(end - begin, chunk * size)))
+        with self.path.open("rb") as f:
+            f.seek(self.data_start + begin)
+            for offset in range(begin, end, len(buffer)):
+                view = memoryview(buffer)[: min(len(buffer), end - offset)]
+                if f.readinto(view) != len(view):
+                    raise ValueError(f"{self.path}: tensor {name} is truncated at byte {offset}; the file is damaged.")
+                yield torch.frombuffer(view, dtype=torch.uint8).view(entry.dtype)  # (<= chunk,)
 
     def read(self, name: str) -> torch.Tensor:
         """The tensor ``name``, read from disk into a new CPU tensor."""
