@@ -76,6 +76,7 @@ from lightning_zenft.planning import (
     resolve_lora_rank_auto,
 )
 from lightning_zenft.precision import NF4Precision
+from lightning_zenft.strategies import FSDP1Strategy, FSDP2Strategy
 
 __version__ = "0.1.0"
 
@@ -104,6 +105,8 @@ __all__ = [
     "EWC",
     "find_adapters",
     "ForgettingMonitor",
+    "FSDP1Strategy",
+    "FSDP2Strategy",
     "FusedKernels",
     "general_probe_batches",
     "IA3",

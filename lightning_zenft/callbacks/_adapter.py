@@ -15,7 +15,10 @@ Where in ``Trainer.fit`` things happen (and why there):
    callback's state (config, targets, RNG state), not the frozen base. ``ckpt_path=`` restores them into a freshly
    injected model (fit, validate, test or predict) with Lightning's strict loading, which only forgives the absent
    frozen tensors. Before the model's tensors load, the checkpoint's adapter settings are compared with this
-   callback's, so a changed rank or method says so instead of listing tensor keys.
+   callback's, so a changed rank or method says so instead of listing tensor keys. Under the sharding strategies of
+   :mod:`lightning_zenft.strategies` the module is marked trained-only
+   (:func:`~lightning_zenft.strategies.checkpoints.mark_trained_only`): frozen tensors are then never gathered or
+   written, and sharded checkpoints without them load strictly.
 
 A method's callback is a thin subclass naming its config class; its constructor takes the config's fields as keyword
 arguments (the signature is generated from the config, so ``LightningCLI``/YAML validate them) plus
@@ -41,6 +44,7 @@ from lightning_zenft.adapters import find_adapters
 from lightning_zenft.adapters._base import is_adaptable_linear
 from lightning_zenft.config import AdapterConfig
 from lightning_zenft.inject import AdapterPlan, apply_plan, count_parameters, plan_adapters
+from lightning_zenft.strategies.checkpoints import mark_trained_only
 
 CHECKPOINT_KEY = "zenft_adapters"
 """Key of a Lightning checkpoint naming the adapter callbacks that wrote it (so a run without them can say so)."""
@@ -151,6 +155,7 @@ class AdapterCallback(Callback):
         self._trainable_keys = {n for n, p in pl_module.named_parameters() if p.requires_grad}
         if not self.save_full_state_dict:
             _accept_adapter_only_state(pl_module, self._trainable_keys)
+            mark_trained_only(pl_module, self._trainable_keys)
 
     def _inject_after_configure_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         user_hook: Callable[[], None] = pl_module.configure_model
@@ -164,6 +169,12 @@ class AdapterCallback(Callback):
 
     def _inject(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         config = self.resolve_config(trainer, pl_module)
+        if config is None and trainer.strategy.restore_checkpoint_after_setup:
+            raise RuntimeError(
+                f"{type(self).__name__}: {self._unresolved()}, and {type(trainer.strategy).__name__} reads checkpoints "
+                "only after it has sharded the model, too late to inject adapters from the checkpoint's settings. Give "
+                "the settings explicitly (as the run that wrote the checkpoint resolved them)."
+            )
         if config is None:
             self._deferred = True  # injected from the checkpoint's saved config, before its tensors load
             return

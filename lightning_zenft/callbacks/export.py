@@ -1,5 +1,8 @@
 """``SaveAdapter``: write the trained adapter in PEFT's format when fitting ends.
 
+Under sharded strategies (FSDP2, FSDP1) the trained tensors are gathered whole onto rank 0 first (every rank takes
+part; only the adapters are gathered, never the frozen base) and rank 0 writes the file, as one process would.
+
 Example::
 
     trainer = L.Trainer(callbacks=[LoRA(r=16), SaveAdapter("out/adapter")])
@@ -12,17 +15,18 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from typing_extensions import override
 
 from lightning_zenft.adapters import find_adapters
 from lightning_zenft.callbacks._adapter import AdapterCallback
 from lightning_zenft.io import save_adapter
+from lightning_zenft.strategies.gather import gathered_for_export
 
 
 class SaveAdapter(Callback):
-    """Save the adapters of ``pl_module.<model_attr>`` to ``dirpath`` at the end of ``fit`` (on global rank 0).
+    """Save the adapters of ``pl_module.<model_attr>`` to ``dirpath`` at the end of ``fit`` (written by global rank 0;
+    under a sharded strategy every rank helps gather the adapter tensors).
 
     Args:
         dirpath: the adapter directory; relative paths are taken under the Trainer's ``default_root_dir``.
@@ -30,6 +34,10 @@ class SaveAdapter(Callback):
             ``PeftModel.from_pretrained(base, dirpath)`` expects); ``""`` saves relative to the module itself.
 
     A method that adds no module and only chooses what trains (``BitFit``) is named by the Trainer's adapter callback.
+
+    Example::
+
+        trainer = L.Trainer(strategy=FSDP2Strategy(), callbacks=[LoRA(r=16), SaveAdapter("adapter")])
     """
 
     def __init__(self, dirpath: str = "adapter", model_attr: str = "model") -> None:
@@ -38,14 +46,17 @@ class SaveAdapter(Callback):
         self.saved_to: Path | None = None
 
     @override
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        model = pl_module.get_submodule(self.model_attr) if self.model_attr else pl_module
         path = Path(self.dirpath)
         if not path.is_absolute():
             path = Path(trainer.default_root_dir) / path
-        self.saved_to = save_adapter(model, path, method=_method_without_modules(trainer, model))
-        print(f"adapter saved to {self.saved_to}")
+        root = trainer.strategy.model if trainer.strategy.model is not pl_module else None
+        with gathered_for_export(pl_module, rank_zero=trainer.is_global_zero, root=root):
+            if trainer.is_global_zero:
+                model = pl_module.get_submodule(self.model_attr) if self.model_attr else pl_module
+                self.saved_to = save_adapter(model, path, method=_method_without_modules(trainer, model))
+                print(f"adapter saved to {self.saved_to}")
+        trainer.strategy.barrier("zenft-save-adapter")
 
 
 def _method_without_modules(trainer: pl.Trainer, model: nn.Module) -> str | None:

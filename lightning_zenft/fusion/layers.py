@@ -22,11 +22,14 @@ Example::
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from lightning_zenft.adapters.dora import DoRALinear
 from lightning_zenft.adapters.lora import LoRALinear
+from lightning_zenft.fusion.sharding import is_dtensor
 from lightning_zenft.fusion.weights import base_weight, compute_dtype, kernel_weight
 from lightning_zenft.kernels.dora import fused_dora
 from lightning_zenft.kernels.lora import LoRAProjection, fused_lora_group
@@ -64,7 +67,7 @@ class FusedLoRALinear(LoRALinear):
         return not (self.merged or self.disabled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused_active():
+        if not self.fused_active() or _sharded_now(self):
             return super().forward(x)
         group = self.__dict__.get("_zenft_group")
         if group is not None:
@@ -81,7 +84,7 @@ class FusedDoRALinear(DoRALinear):
     """A :class:`DoRALinear` whose forward runs the fused DoRA kernel. Made by ``fuse_lora_layers``, never built."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disabled:
+        if self.merged or self.disabled or _sharded_now(self):
             return super().forward(x)
         dtype = compute_dtype(x)
         runtime = layer_runtime(self)
@@ -92,6 +95,22 @@ class FusedDoRALinear(DoRALinear):
         return fused_dora(
             x.to(dtype), weight, a, b, m, self.scaling, bias, dropout=p, training=self.training, runtime=runtime
         )
+
+
+def _sharded_now(layer: nn.Module) -> bool:
+    """True when the layer's parameters are ``DTensor`` shards during its forward (tensor parallelism, or a forward
+    outside its FSDP2 unit): the kernels take whole tensors, so the plain forward runs, with a warning once."""
+    if not (is_dtensor(layer.lora_A.weight) or is_dtensor(getattr(layer.base_layer, "weight", None))):
+        return False
+    if not layer.__dict__.get("_zenft_dtensor_warned"):
+        layer.__dict__["_zenft_dtensor_warned"] = True
+        warnings.warn(
+            f"fused LoRA: a {type(layer).__name__} runs its unfused forward: its parameters are sharded DTensors "
+            "during the forward (tensor parallelism, or a call outside its FSDP2 unit); the fused kernel takes whole "
+            "tensors.",
+            stacklevel=3,
+        )
+    return True
 
 
 FUSED_CLASSES: dict[type[nn.Module], type[nn.Module]] = {LoRALinear: FusedLoRALinear, DoRALinear: FusedDoRALinear}
@@ -127,15 +146,22 @@ def unfuse_layer(layer: nn.Module) -> bool:
     return True
 
 
-def unfusable_reason(layer: nn.Module) -> str | None:
-    """Why ``layer`` cannot run a fused kernel, or None when it can."""
+def unfusable_reason(layer: nn.Module, in_fsdp_unit: bool = False) -> str | None:
+    """Why ``layer`` cannot run a fused kernel, or None when it can.
+
+    ``in_fsdp_unit``: the layer is inside an FSDP2 unit, whose forward gathers its ``DTensor`` parameters into whole
+    tensors (see :mod:`~lightning_zenft.fusion.sharding`); outside one, ``DTensor`` parameters stay sharded.
+    """
     if not has_fused_twin(layer):
         return f"{type(layer).__name__} has no fused kernel (fused: {', '.join(c.__name__ for c in FUSED_CLASSES)})"
     dropout = getattr(layer, "lora_dropout", None)
     if not isinstance(dropout, (nn.Identity, nn.Dropout)):
         return f"its lora_dropout is a {type(dropout).__name__}, not nn.Dropout"
-    if any(type(p).__name__ == "DTensor" for p in layer.parameters()):
-        return "its parameters are sharded DTensors (FSDP2); the fused kernel takes local tensors only"
+    if not in_fsdp_unit and any(is_dtensor(p) for p in layer.parameters()):
+        return (
+            "its parameters are DTensors outside any FSDP2 unit (tensor parallelism?), which stay sharded during the "
+            "forward; the fused kernel takes whole tensors"
+        )
     base = layer.base_layer
     weight = base_weight(base)
     if weight is None:

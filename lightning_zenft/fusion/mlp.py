@@ -168,7 +168,10 @@ def fuse_glu_mlps(model: nn.Module, warn: bool = True, runtime: KernelRuntime | 
 
         fuse_glu_mlps(model)     # e.g. a frozen model, or one with adapters on attention only
     """
+    from lightning_zenft.fusion.sharding import fsdp_units, unsharded
+
     done = []
+    units = fsdp_units(model)
     for name, module in model.named_modules():
         if isinstance(module, AdapterModule) or "forward" in module.__dict__:
             continue
@@ -183,7 +186,9 @@ def fuse_glu_mlps(model: nn.Module, warn: bool = True, runtime: KernelRuntime | 
                 continue
             for gate, up in ((rest[0], rest[1]), (rest[1], rest[0])):
                 fused = GLUMLPForward(module, gate, up, down, act[1], runtime)
-                if _probe_matches(module, fused, getattr(module, gate).weight):
+                with unsharded(units.get(id(module))):  # the probe calls the MLP outside its unit's forward
+                    matches = _probe_matches(module, fused, getattr(module, gate).weight)
+                if matches:
                     module.forward = fused
                     done.append(name)
                     break

@@ -41,6 +41,7 @@ from lightning_zenft.fusion.mlp import (
     _probe_matches,
     warn_fallback,
 )
+from lightning_zenft.fusion.sharding import fsdp_units, unsharded
 from lightning_zenft.kernels.runtime import KernelRuntime, resolve
 
 
@@ -93,11 +94,12 @@ def fuse_lora_layers(
     """
     runtime = resolve(runtime)
     report = FusionReport()
+    units = fsdp_units(model)  # FSDP2: layers inside a unit are whole during their forward
     for name, module in model.named_modules():
         if is_fused(module):
             report.layers.append(name)
         elif isinstance(module, Wrapping) and isinstance(module, AdapterModule):
-            why = unfusable_reason(module)
+            why = unfusable_reason(module, in_fsdp_unit=id(module) in units)
             if why is None:
                 fuse_layer(module, runtime)
                 report.layers.append(name)
@@ -121,12 +123,14 @@ def fuse_lora_layers(
                     warn_fallback(name, cand, "is a gated MLP but is not fused (its layers run one by one)")
                 continue
             act, orders = cand
-            reasons = [unfusable_reason(getattr(module, n)) for n in orders[0]]
+            reasons = [unfusable_reason(getattr(module, n), in_fsdp_unit=id(module) in units) for n in orders[0]]
             if any(r is not None for r in reasons):
                 continue  # the layer itself was reported above
             for gate, up, down in orders:
                 fused = FusedGatedMLPForward(module, gate, up, down, act, mlp_recompute, runtime)
-                if _probe_matches(module, fused, getattr(module, gate).lora_A.weight):
+                with unsharded(units.get(id(module))):  # the probe calls the MLP outside its unit's forward
+                    matches = _probe_matches(module, fused, getattr(module, gate).lora_A.weight)
+                if matches:
                     module.forward = fused
                     report.mlps.append(name)
                     in_mlp.update(id(getattr(module, n)) for n in (gate, up, down))
@@ -155,7 +159,6 @@ def fuse_lora_layers(
                     c.__dict__["_zenft_group"] = observer
                 report.observed_parents.append(name)
     return report
-
 
 
 def unfuse_lora_layers(model: nn.Module) -> int:

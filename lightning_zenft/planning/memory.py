@@ -19,6 +19,17 @@ SGD three (weights, gradients, one momentum; ``2NB`` without the gradient). Adap
 fine-tuning weights, except that under ``mixed`` they are held in fp32 (``4 + 4 + 4 s``). Under FSDP the
 weights, gradients and optimizer states are sharded: each GPU holds ``1 / G`` of them.
 
+Under FSDP (``G > 1``, as :class:`~lightning_zenft.strategies.FSDP2Strategy` runs it with ``mixed_precision="bf16"``)
+full fine-tuning keeps no persistent bf16 copy: the sharded fp32 parameter is the master weight, gradients are
+reduced into fp32 shards, so ``mixed`` splits its 16 bytes as 4 (weights) + 4 (gradients) + ``4 s`` (states), each
+over ``G``; frozen weights are stored in bf16 (2 bytes over ``G``) and adapters in fp32, as above. FSDP also holds
+some parameters whole for a while (``gathered_bytes``, not sharded): the root unit (embeddings, final norm, output
+head) from forward to backward, the decoder block being computed and the next one it prefetches, in the compute
+dtype (the 4-bit size for a 4-bit base's linear weights), plus the whole gradients of one block's trained parameters
+before they are reduced. Measured per rank on CPU runs of 2 processes, the parameter, gradient and optimizer shards
+equal these figures, and the parameters held whole at a block's forward or backward equal the root unit plus one
+block (the prefetched block is not visible there).
+
 The 4-bit NF4 base stores ``b4 = 4 + 8/64 + 32/(64*256) = 4.127`` bits per weight: 4-bit codes, one 8-bit
 absmax per block of 64 weights, and (double quantization) one fp32 scale per 256 absmax values. Only the
 decoder's linear weights are quantized; embeddings, lm_head and norms stay in the compute dtype.
@@ -143,6 +154,9 @@ class MemoryEstimate:
     """What is saved outside the decoder layers: embeddings, final norm, lm_head, loss."""
     checkpoint_bytes: int
     """Layer inputs kept under gradient checkpointing (0 without it)."""
+    gathered_bytes: int = 0
+    """Under FSDP (``gpus > 1``): parameters and gradients held whole while units are computed (see the module
+    docstring); 0 on one GPU."""
 
     @property
     def static_bytes(self) -> int:
@@ -151,8 +165,8 @@ class MemoryEstimate:
 
     @property
     def total_bytes(self) -> int:
-        """Per-GPU total: static memory plus activations."""
-        return self.static_bytes + self.activations_bytes
+        """Per-GPU total: static memory, what FSDP holds whole, and activations."""
+        return self.static_bytes + self.gathered_bytes + self.activations_bytes
 
     def to_dict(self) -> dict[str, object]:
         """Plain dict (JSON-ready) including ``total_bytes`` and ``static_bytes``."""
@@ -180,6 +194,7 @@ class MemoryEstimate:
             ("gradients", self.gradients_bytes),
             ("optimizer", self.optimizer_bytes),
             ("activations", self.activations_bytes),
+            *([("gathered (FSDP)", self.gathered_bytes)] if self.gpus > 1 else []),
             ("total per GPU", self.total_bytes),
         ):
             lines.append(f"  {label:<14} {value / _GIB:9.2f} GiB")
@@ -324,7 +339,9 @@ def estimate_memory(
     # Static memory.
     if full:
         trainable = n
-        if precision == "mixed":
+        if precision == "mixed" and gpus > 1:
+            weights, grads, opt = 4 * n, 4 * n, 4 * states * n  # FSDP: the fp32 shard is the master weight
+        elif precision == "mixed":
             weights, grads, opt = 2 * n, 2 * n, (4 + 4 * states) * n
         else:
             weights, grads, opt = e * n, e * n, e * states * n
@@ -384,7 +401,21 @@ def estimate_memory(
         layer_activation_bytes=layer_sum // max(info.num_layers, 1),
         head_activation_bytes=head,
         checkpoint_bytes=ckpt,
+        gathered_bytes=_gathered_bytes(info, method, targets, rank, e) if gpus > 1 else 0,
     )
+
+
+def _gathered_bytes(info: ModelInfo, method: str, targets: tuple[str, ...], rank: int, e: int) -> int:
+    """What FSDP holds whole: the root unit, two decoder blocks in the compute dtype (``e`` bytes; 4-bit linear weights
+    for QLoRA) and one block's trained gradients (module docstring)."""
+    h = info.hidden_size
+    block_linear = info.linear_params // max(info.num_layers, 1)
+    adapters = sum(rank * (i + o) for name, (i, o) in info.linear_shapes().items() if name in targets)
+    linear_bytes = round(block_linear * NF4_BITS_PER_WEIGHT / 8) if method == "qlora" else e * block_linear
+    block = linear_bytes + e * (2 * h + adapters)
+    root = e * (info.embedding_params + h)
+    trained = e * (block_linear + 2 * h) if method == "full" else e * adapters
+    return root + 2 * block + trained
 
 
 def _ceil_div(value: int, parts: int) -> int:
