@@ -33,9 +33,6 @@ def is_4bit(module: nn.Module) -> bool:
     return type(weight).__name__ == "Params4bit" and getattr(weight, "quant_state", None) is not None
 
 
-
-
-
 def _packed_state(module: nn.Module) -> tuple[torch.Tensor, Any]:
     """The layer's codes and quant state in bitsandbytes' standard layout, the module left untouched.
 

@@ -87,9 +87,7 @@ class GLUFunction(torch.autograd.Function):
     """Autograd function of :func:`glu`: saves ``g`` and ``u`` only."""
 
     @staticmethod
-    def forward(
-        ctx: Any, g: torch.Tensor, u: torch.Tensor, act: GLUActivation, runtime: KernelRuntime
-    ) -> torch.Tensor:
+    def forward(ctx: Any, g: torch.Tensor, u: torch.Tensor, act: GLUActivation, runtime: KernelRuntime) -> torch.Tensor:
         ctx.act, ctx.runtime = act, runtime
         ctx.save_for_backward(g, u)
         return glu_forward(g, u, act, runtime)

@@ -44,6 +44,14 @@ def name_matches(name: str, spec: str | Sequence[str]) -> bool:
     return any(name == target or name.endswith("." + target) for target in spec)
 
 
+def _layer_matches(name: str, spec: ModuleSpec) -> bool:
+    """``name_matches`` for a layer that may sit inside an adapter wrapper: ``mlp.down_proj.base_layer`` is also
+    matched as ``mlp.down_proj``, the name the user knows."""
+    if name_matches(name, spec):
+        return True
+    return name.endswith(".base_layer") and name_matches(name[: -len(".base_layer")], spec)
+
+
 def is_4bit_layer(module: nn.Module) -> bool:
     """True for a bitsandbytes ``Linear4bit`` or a :class:`~lightning_zenft.precision.ShardedLinear4bit`."""
     names = {cls.__name__ for cls in type(module).__mro__}
@@ -80,23 +88,26 @@ def plan_quantization(
     plan = QuantizationPlan()
     asked_trainable: list[str] = []
     asked_adapter: list[str] = []
-    matched_any = False
+    matched_any = skipped_any = False
     for name, module in model.named_modules():
         if is_4bit_layer(module):
             plan.quantized.append(name)
+            skipped_any = skipped_any or bool(skip_modules and _layer_matches(name, skip_modules))
             continue
         if is_conv1d(module):
             plan.kept[name] = "GPT-2 Conv1D (only nn.Linear layers are quantized)"
             continue
         if not isinstance(module, nn.Linear) or type(module).__name__ == "Linear8bitLt":
             continue
-        asked = modules is not None and name_matches(name, modules)
+        asked = modules is not None and _layer_matches(name, modules)
         matched_any = matched_any or asked
         if id(module.weight) in adapter_ids:
             if asked:
                 asked_adapter.append(name)
             continue  # adapter factors are never quantized, and not worth listing
-        if skip_modules is not None and name_matches(name, skip_modules):
+        skip = skip_modules is not None and _layer_matches(name, skip_modules)
+        skipped_any = skipped_any or skip
+        if skip:
             plan.kept[name] = "skip_modules"
         elif module.weight.requires_grad:
             if asked:
@@ -118,6 +129,8 @@ def plan_quantization(
         )
     if modules is not None and not matched_any:
         problems.append(f"modules={modules!r} matches no linear layer of {type(model).__name__}")
+    if skip_modules and not skipped_any:
+        problems.append(f"skip_modules={skip_modules!r} matches no linear layer of {type(model).__name__}")
     if problems:
         raise ValueError("NF4Precision: " + "; ".join(problems) + ".")
     return plan

@@ -120,6 +120,12 @@ def make_shardable(model: nn.Module) -> list[str]:
     names = []
     for name, module in list(model.named_modules()):
         if isinstance(module, bnb.nn.Linear4bit):
+            if getattr(module.weight, "quant_state", None) is None:
+                raise RuntimeError(
+                    f"{name!r} is a bitsandbytes Linear4bit whose weight is not quantized yet (bitsandbytes quantizes "
+                    "when the layer moves to a CUDA device), so it has no 4-bit storage to shard. Build the model "
+                    "with plain nn.Linear layers and let NF4Precision quantize them, or move it to the GPU first."
+                )
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, ShardedLinear4bit.from_linear4bit(module))

@@ -126,21 +126,29 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
 
 
 def shardable_4bit(model: nn.Module, owner: str) -> int:
-    """Make bitsandbytes 4-bit layers shardable by FSDP2 (their ``quant_state`` would be lost by ``fully_shard``),
-    through the 4-bit plugin's converter; returns how many were converted. Without that converter: an error that says
-    what to use."""
-    found = [n for n, p in model.named_parameters() if type(p).__name__ == "Params4bit"]
-    if not found:
+    """Make bitsandbytes 4-bit layers shardable by FSDP2 (``fully_shard`` would drop their ``quant_state``): each
+    becomes a :class:`~lightning_zenft.precision.sharded_linear.ShardedLinear4bit` over the same 4-bit storage;
+    returns how many were converted. ``owner`` names the strategy in errors."""
+    if not any(type(p).__name__ == "Params4bit" for p in model.parameters()):
         return 0
+    from lightning_zenft.precision.sharded_linear import make_shardable
+
     try:
-        from lightning_zenft.precision.sharded_linear import make_shardable  # type: ignore[import-not-found]
-    except ImportError:
+        return len(make_shardable(model))
+    except RuntimeError as error:
+        raise RuntimeError(f"{owner}: {error}") from None
+
+
+def refuse_4bit(model: nn.Module, owner: str) -> None:
+    """FSDP1 flattens a unit's parameters into one ``FlatParameter``, which keeps neither bitsandbytes' quant state nor
+    the packed 4-bit form: a 4-bit base is an error that says to use FSDP2Strategy."""
+    kinds = ("Params4bit", "Packed4bitTensor")
+    found = [n for n, p in model.named_parameters() if {type(p).__name__, type(p.data).__name__} & set(kinds)]
+    if found:
         raise RuntimeError(
-            f"{owner}: {len(found)} parameters are bitsandbytes 4-bit weights (e.g. {found[:2]}), which fully_shard "
-            "cannot shard (it drops their quant_state). Quantize with lightning_zenft's NF4Precision plugin, whose "
-            "4-bit weights FSDP2 shards, or train the base unquantized."
-        ) from None
-    return len(make_shardable(model))
+            f"{owner}: {len(found)} parameters are 4-bit weights (e.g. {found[:2]}); FSDP1's flat parameters cannot "
+            "hold them. Use FSDP2Strategy, which shards the 4-bit base, or train the base unquantized."
+        )
 
 
 def checkpoint_blocks(pl_module: nn.Module, blocks: list[nn.Module], torch_fallback: bool = True) -> dict[str, int]:

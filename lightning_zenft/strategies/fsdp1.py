@@ -26,7 +26,13 @@ from torch import nn
 from typing_extensions import override
 
 from lightning_zenft.strategies import checkpoints
-from lightning_zenft.strategies.blocks import BlockClasses, checkpoint_blocks, resolve_block_classes, trained_leaf
+from lightning_zenft.strategies.blocks import (
+    BlockClasses,
+    checkpoint_blocks,
+    refuse_4bit,
+    resolve_block_classes,
+    trained_leaf,
+)
 from lightning_zenft.strategies.options import MixedPrecisionName, StateDictName, check_options
 
 
@@ -178,6 +184,7 @@ class FSDP1Strategy(FSDPStrategy):
     def _setup_model(self, model: nn.Module) -> nn.Module:
         pl_module = self.lightning_module
         assert pl_module is not None
+        refuse_4bit(pl_module, "FSDP1Strategy")
         classes = resolve_block_classes(pl_module, self.block_classes)
         plan = plan_units(pl_module, classes)
         self.plan = plan

@@ -117,8 +117,12 @@ def test_files_move_both_ways_with_peft(tmp_path):
 
     theirs = get_peft_model(
         load_base(base),
-        LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                   target_parameters=["experts.gate_up_proj", "experts.down_proj"]),  # fmt: skip
+        LoraConfig(
+            r=2,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj"],
+            target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        ),  # fmt: skip
     )
     _randomize(theirs, seed=3)
     theirs.save_pretrained(tmp_path / "theirs")

@@ -110,7 +110,7 @@ def test_estimate_json_matches_api(model_dir, capsys, argv, kwargs):
         printed = json.loads(capsys.readouterr().out)
         est = estimate_memory(model, **kwargs)
         assert printed == est.to_dict()
-        parts = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes")
+        parts = ("weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes", "gathered_bytes")
         assert printed["total_bytes"] == sum(printed[key] for key in parts)
 
 

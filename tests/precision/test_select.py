@@ -62,6 +62,21 @@ def test_skip_modules_as_names_or_regex(skip):
     assert not kept & set(plan.targets)
 
 
+def test_names_of_layers_inside_adapters_are_the_models_own():
+    # with LoRA on every linear layer, the frozen linear is `...q_proj.base_layer`; users name it `q_proj`
+    model = _adapted(target_modules="all-linear")
+    plan = plan_quantization(model, skip_modules=["down_proj", r"q_proj"])
+    kept = {n for n, why in plan.kept.items() if why == "skip_modules"}
+    assert kept == {f"model.layers.{i}.{p}.base_layer" for i in (0, 1) for p in ("mlp.down_proj", "self_attn.q_proj")}
+    plan = plan_quantization(model, skip_modules=r"model\.layers\.0\.mlp\.up_proj")  # a regex of the user's name
+    assert [n for n, why in plan.kept.items() if why == "skip_modules"] == ["model.layers.0.mlp.up_proj.base_layer"]
+    plan = plan_quantization(model, modules=["k_proj"])
+    assert plan.targets == [f"model.layers.{i}.self_attn.k_proj.base_layer" for i in (0, 1)]
+    with pytest.raises(ValueError, match=r"skip_modules=\['no_such_proj'\] matches no linear layer"):
+        plan_quantization(model, skip_modules=["no_such_proj"])
+    assert plan_quantization(model, skip_modules=[]).targets == plan_quantization(model).targets  # nothing to skip
+
+
 def test_modules_names_what_to_quantize_head_included():
     model = _adapted()
     plan = plan_quantization(model, modules=["lm_head", "gate_proj"])

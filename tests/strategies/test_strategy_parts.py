@@ -261,11 +261,40 @@ def test_fsdp_split_keeps_the_total_of_sixteen_bytes_a_parameter():
     assert lora_two.static_bytes == pytest.approx(lora_one.static_bytes / 2, abs=2)
 
 
-def test_bitsandbytes_4bit_layers_need_the_shardable_form():
+def test_bitsandbytes_4bit_layers_become_shardable_or_are_refused():
     bnb = pytest.importorskip("bitsandbytes")
+    from lightning_zenft import NF4Precision
+    from lightning_zenft.precision.sharded_linear import ShardedLinear4bit
     from lightning_zenft.strategies.blocks import shardable_4bit
 
-    model = nn.Sequential(nn.Linear(16, 16), bnb.nn.Linear4bit(16, 16, quant_type="nf4"))
     assert shardable_4bit(nn.Sequential(nn.Linear(4, 4)), "FSDP2Strategy") == 0  # nothing to convert
-    with pytest.raises(RuntimeError, match=r"FSDP2Strategy: 1 parameters are bitsandbytes 4-bit .*NF4Precision"):
-        shardable_4bit(model, "FSDP2Strategy")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).requires_grad_(False)
+    NF4Precision(compute_dtype=torch.float32).convert_module(model)
+    x = torch.randn(3, 64)
+    before = model(x)
+    assert shardable_4bit(model, "FSDP2Strategy") == 2
+    assert isinstance(model[0], ShardedLinear4bit) and isinstance(model[2], ShardedLinear4bit)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)  # the same 4-bit storage, not re-quantized
+    # a Linear4bit built by hand on CPU holds no 4-bit storage yet: refused with the way out
+    raw = nn.Sequential(nn.Linear(16, 16), bnb.nn.Linear4bit(16, 16, quant_type="nf4"))
+    with pytest.raises(
+        RuntimeError, match=r"FSDP2Strategy: '1' is a bitsandbytes Linear4bit whose weight is not quan"
+    ) as err:
+        shardable_4bit(raw, "FSDP2Strategy")
+    assert "let NF4Precision quantize them" in str(err.value)
+
+
+def test_fsdp1_refuses_a_4bit_base_and_names_fsdp2():
+    pytest.importorskip("bitsandbytes")
+    from lightning_zenft import NF4Precision
+    from lightning_zenft.strategies.blocks import refuse_4bit, shardable_4bit
+
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).requires_grad_(False)
+    refuse_4bit(model, "FSDP1Strategy")  # full precision: accepted
+    NF4Precision(compute_dtype=torch.float32).convert_module(model)
+    with pytest.raises(RuntimeError, match=r"FSDP1Strategy: 2 parameters are 4-bit weights .*Use FSDP2Strategy"):
+        refuse_4bit(model, "FSDP1Strategy")
+    shardable_4bit(model, "FSDP2Strategy")  # the packed form FSDP2 shards: still not for FSDP1
+    with pytest.raises(RuntimeError, match=r"FSDP1Strategy: 2 parameters are 4-bit"):
+        refuse_4bit(model, "FSDP1Strategy")

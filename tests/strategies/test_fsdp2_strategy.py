@@ -207,6 +207,7 @@ def test_per_rank_memory_equals_the_estimate(run, tmp_path):
 def test_the_yaml_example_runs_under_the_strategy(run):
     result = run["yaml"]
     assert result["strategy"] == "FSDP2Strategy" and result["global_step"] == 2
+    assert result["plugin"] == "NF4Precision"  # the 4-bit base, sharded
     assert result["options"] == {"mixed_precision": "bf16", "activation_checkpointing": True, "cpu_offload": False}
     assert result["units"] == [f"model.model.layers.{i}" for i in range(4)] + ["model"]
     out = run["root"] / "yaml"
