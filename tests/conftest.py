@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from zenft_testing import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """Each test starts from the same environment variables: ``seed_everything`` (the ``zenft`` command runs it) sets
+    ``PL_GLOBAL_SEED``, which later Trainers and the processes a test launches would inherit and reseed from."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 @pytest.fixture
