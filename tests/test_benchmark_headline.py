@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from zenft_testing import child_env
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -54,7 +54,7 @@ def test_headline_states_each_figure_and_verdict(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_quick_plan_keeps_to_its_deadline_and_still_prints_the_table(tmp_path: Path) -> None:
     """With no time left every part is skipped, the table says "not run", and $OUT holds at most 8 files."""
-    env = {**os.environ, "OUT": str(tmp_path), "QUICK_SECONDS": "0"}
+    env = child_env(OUT=str(tmp_path), QUICK_SECONDS="0")
     proc = subprocess.run(["bash", str(BENCH / "run_gpu.sh"), "quick"], capture_output=True, text=True, env=env)
     assert proc.returncode != 0
     assert proc.stdout.count("skipped (time)") == 4

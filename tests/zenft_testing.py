@@ -19,6 +19,22 @@ warnings.filterwarnings("ignore", message=".*token_id must be.*")
 
 VOCAB = 128
 
+SESSION_ONLY = ("TRITON_INTERPRET", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+"""Variables the test session sets for itself (Triton's interpreter for the kernel tests, where a module-level switch
+keeps every other test on the torch path; Lightning's global seed after a ``zenft`` command ran): a process a test
+launches must not inherit them, or it would compute (and seed) differently from the test's own reference."""
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a process a test launches: this one's without :data:`SESSION_ONLY`, plus ``extra``."""
+    return {k: v for k, v in os.environ.items() if k not in SESSION_ONLY} | extra
+
+
+def drop_session_env() -> None:
+    """Before spawning workers (they inherit ``os.environ``): the autouse fixture in conftest.py restores it."""
+    for key in SESSION_ONLY:
+        os.environ.pop(key, None)
+
 
 def tiny_config(arch: str):
     """A transformers config for a tiny model of the given architecture (random init, a few thousand params)."""

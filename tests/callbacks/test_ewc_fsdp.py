@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from zenft_testing import child_env
 
 SCRIPT = Path(__file__).with_name("fsdp_penalty_run.py")
 
@@ -27,7 +28,7 @@ def one_process() -> dict:
 
 
 def launch(devices: int, out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = child_env(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(devices), str(out)], env=env, capture_output=True, text=True, timeout=600
     )

@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 from forgetting_testing import DumpHistory, InOrderCounter, distributed_monitor, trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
+from zenft_testing import drop_session_env
 
 from lightning_zenft import LoRA
 
@@ -78,6 +79,7 @@ def _launch(worker, root: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    drop_session_env()  # the workers inherit os.environ (restored after the test)
     mp.start_processes(worker, args=(port, str(root)), nprocs=2, join=True, start_method="spawn")
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from zenft_testing import child_env
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "finetune_default.py"
 
@@ -16,8 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "finetune_default.py
 def test_main_job_reports_accuracy_and_says_where_the_adapter_is_once(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = [sys.executable, str(SCRIPT), "--max-steps", "2", "--eval-prompts", "4", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(SCRIPT.parents[1]), os.environ.get(
-        "PYTHONPATH")]))}  # fmt: skip
+    env = child_env(PYTHONPATH=os.pathsep.join(filter(None, [str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout

@@ -15,7 +15,7 @@ import pytest
 import torch
 from merging_helpers import adapted, logits, make_adapter
 from safetensors.torch import load_file
-from zenft_testing import load_base, tiny_config, tiny_model, token_batch
+from zenft_testing import child_env, load_base, tiny_config, tiny_model, token_batch
 
 from lightning_zenft.adapters import find_adapters
 from lightning_zenft.merging import merge_pretrained
@@ -296,7 +296,7 @@ def test_a_killed_merge_leaves_no_output(tmp_path):
     base = _save_base(tmp_path / "base")
     _, adapter = make_adapter(base, tmp_path / "adapter", r=2)
     out, marker = tmp_path / "out", tmp_path / "marker"
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = child_env(PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_MERGE, str(base), str(adapter), str(out), str(marker)],
                             env=env, stderr=subprocess.PIPE)  # fmt: skip
     try:

@@ -8,7 +8,6 @@ resident (tensors, allocator growth, page-cache pages mapped into the process), 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from zenft_testing import child_env
 
 from lightning_zenft.merging.streaming import INDEX_FILE
 
@@ -67,7 +67,7 @@ def test_streaming_merge_peak_memory_stays_under_two_shards(tmp_path):
     base, adapter, out = tmp_path / "base", tmp_path / "adapter", tmp_path / "out"
     _write_model(base, adapter)
     _write_model(tmp_path / "small-base", tmp_path / "small-adapter", shards=1, per_shard=2)  # the warm-up
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = child_env(PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     paths = [base, adapter, out, tmp_path / "small-base", tmp_path / "small-adapter"]
     result = subprocess.run([sys.executable, "-c", _MEASURE, *map(str, paths)],
                             env=env, capture_output=True, text=True, timeout=600)  # fmt: skip

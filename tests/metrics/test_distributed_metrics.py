@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from zenft_testing import drop_session_env
 
 from lightning_zenft.metrics import (
     BackwardTransfer,
@@ -71,6 +72,7 @@ def _free_port() -> int:
 
 def test_two_process_reduction_equals_one_process(tmp_path):
     # spawned, not forked: a child forked from a parent whose OpenMP pool is running can hang in its first parallel op
+    drop_session_env()  # the workers inherit os.environ (restored after the test)
     mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     single = _compute(slice(None))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from zenft_testing import child_env
 
 pytest.importorskip("bitsandbytes", reason="the 4-bit layers are bitsandbytes'")
 
@@ -29,7 +30,7 @@ def _job_module():
 @pytest.mark.slow
 def test_qlora_fsdp2_two_processes_equal_one_and_resume_from_adapter_only_checkpoints(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(JOB.parents[2]), os.environ.get("PYTHONPATH", "")])}
+    env = child_env(PYTHONPATH=os.pathsep.join([str(JOB.parents[2]), os.environ.get("PYTHONPATH", "")]))
     with socket.socket() as sock:  # a free port for the rendezvous (the machine may run other jobs)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

@@ -18,7 +18,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
-from zenft_testing import tiny_model, token_batch
+from zenft_testing import child_env, tiny_model, token_batch
 
 from lightning_zenft import LoRAConfig, estimate_memory, inject_adapters
 
@@ -47,7 +47,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     finally:
         torch.set_num_threads(threads)
     (single_ckpt,) = sorted((root / "one-ckpt").glob("*.ckpt"))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = child_env(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "2", str(root), str(single_ckpt)],
         env=env,

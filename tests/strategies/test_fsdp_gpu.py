@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from zenft_testing import child_env
 
 SCRIPT = Path(__file__).with_name("fsdp_gpu_run.py")
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -18,7 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("fsdp-gpu")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = child_env(PYTHONPATH=os.pathsep.join(sys.path))
     command = [sys.executable, str(SCRIPT), str(root)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
