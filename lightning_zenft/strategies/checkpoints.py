@@ -232,3 +232,37 @@ __all__ = [
     "saved_shapes",
     "trained_only_keys",
 ]
+
+
+class TrainedOnlyCheckpointHooks:
+    """The checkpoint hooks of :class:`~lightning_zenft.strategies.FSDP2Strategy` and
+    :class:`~lightning_zenft.strategies.FSDP1Strategy`, ahead of Lightning's strategy in their bases: trained-only
+    states, written sharded or whole as ``state_dict_kind`` says, loaded strictly (the functions above)."""
+
+    state_dict_kind: str
+    """``"sharded"`` or ``"full"``."""
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        strategy: Any = self
+        assert strategy.model is not None
+        return model_state(strategy.model, strategy.lightning_module, full=self.state_dict_kind == "full")
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        strategy: Any = self
+        assert strategy.model is not None
+        inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's wrapped optimizer
+        return optimizer_state(strategy.model, inner, full=self.state_dict_kind == "full")
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint(storage_options=...) is not supported: it writes itself."
+            )
+        save_sharded_or_full(self, checkpoint, filepath, sharded=self.state_dict_kind == "sharded")
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        strategy: Any = self
+        assert strategy.model is not None and strategy.lightning_module is not None
+        path = Path(strategy.broadcast(checkpoint_path))
+        optimizers = [getattr(o, "_optimizer", o) for o in strategy.optimizers]
+        return load_into(path, strategy.model, strategy.lightning_module, optimizers, weights_only)

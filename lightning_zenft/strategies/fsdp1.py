@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -109,7 +108,7 @@ def _assign(module: nn.Module, unit: str, plan: UnitPlan, prefix: str = "") -> N
         _assign(child, full if id(child) in plan.wrap else unit, plan, full + ".")
 
 
-class FSDP1Strategy(FSDPStrategy):
+class FSDP1Strategy(checkpoints.TrainedOnlyCheckpointHooks, FSDPStrategy):
     """Lightning's ``FSDPStrategy`` (FSDP1) configured as :class:`FSDP2Strategy` is, with uniform units (see the module
     docstring). Needs CUDA.
 
@@ -211,31 +210,6 @@ class FSDP1Strategy(FSDPStrategy):
             )
         rank_zero_info(f"FSDP1Strategy: {len(plan.names)} units besides the root ({len(classes)} block classes).")
         return super()._setup_model(model)
-
-    # ------------------------------------------------------------------ checkpoints
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        assert self.model is not None
-        return checkpoints.model_state(self.model, self.lightning_module, full=self.state_dict_kind == "full")
-
-    @override
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        assert self.model is not None
-        inner = getattr(optimizer, "_optimizer", optimizer)
-        return checkpoints.optimizer_state(self.model, inner, full=self.state_dict_kind == "full")
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError("FSDP1Strategy.save_checkpoint(storage_options=...) is not supported: it writes itself.")
-        checkpoints.save_sharded_or_full(self, checkpoint, filepath, sharded=self.state_dict_kind == "sharded")
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        assert self.model is not None and self.lightning_module is not None
-        path = Path(self.broadcast(checkpoint_path))
-        optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
-        return checkpoints.load_into(path, self.model, self.lightning_module, optimizers, weights_only)
 
 
 __all__ = ["FSDP1Strategy", "UnitPlan", "plan_units"]

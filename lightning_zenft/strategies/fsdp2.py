@@ -46,7 +46,7 @@ from lightning_zenft.strategies.blocks import (
 from lightning_zenft.strategies.options import MixedPrecisionName, StateDictName, check_options
 
 
-class FSDP2Strategy(ModelParallelStrategy):
+class FSDP2Strategy(checkpoints.TrainedOnlyCheckpointHooks, ModelParallelStrategy):
     """Fully sharded data parallel training (FSDP2) configured from a few options; no ``configure_model`` needed.
 
     Args:
@@ -102,7 +102,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.mixed_precision = mixed_precision
         self.activation_checkpointing = activation_checkpointing
         self.cpu_offload = cpu_offload
-        self.state_dict_type: Literal["sharded", "full"] = state_dict
+        self.state_dict_kind: Literal["sharded", "full"] = state_dict
         self.reshard_after_forward = reshard_after_forward
         self.cast_frozen = cast_frozen
         self.units: list[str] = []
@@ -179,33 +179,6 @@ class FSDP2Strategy(ModelParallelStrategy):
             f"{', bf16 mixed precision' if self.mixed_precision else ''}{', CPU offload' if self.cpu_offload else ''}."
         )
         return units
-
-    # ------------------------------------------------------------------ checkpoints
-    @override
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        assert self.model is not None
-        return checkpoints.model_state(self.model, self.lightning_module, full=self.state_dict_type == "full")
-
-    @override
-    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        assert self.model is not None
-        inner = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's wrapped optimizer
-        return checkpoints.optimizer_state(self.model, inner, full=self.state_dict_type == "full")
-
-    @override
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None:
-            raise TypeError("FSDP2Strategy.save_checkpoint(storage_options=...) is not supported: it writes itself.")
-        checkpoints.save_sharded_or_full(self, checkpoint, filepath, sharded=self.state_dict_type == "sharded")
-
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        from pathlib import Path
-
-        assert self.model is not None and self.lightning_module is not None
-        path = Path(self.broadcast(checkpoint_path))
-        optimizers = [getattr(o, "_optimizer", o) for o in self.optimizers]
-        return checkpoints.load_into(path, self.model, self.lightning_module, optimizers, weights_only)
 
 
 def _refuse_manual_sharding(model: nn.Module) -> None:
