@@ -34,7 +34,7 @@ METHODS: dict[str, tuple[str, float]] = {
     "prompt": ("PromptTuning(num_virtual_tokens=20)", 3e-2),
     "prefix": ("PrefixTuning(num_virtual_tokens=20)", 3e-2),
     "p_tuning": ("PTuning(num_virtual_tokens=20)", 3e-3),
-    "mam": ("MAM(num_virtual_tokens=20)", 3e-3),
+    "mam": ("MAMAdapter(num_virtual_tokens=20)", 3e-3),
 }
 
 

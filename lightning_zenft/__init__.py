@@ -29,7 +29,7 @@ from lightning_zenft.callbacks.ia3 import IA3
 from lightning_zenft.callbacks.kernels import FusedKernels
 from lightning_zenft.callbacks.l2sp import L2SP
 from lightning_zenft.callbacks.lora import DoRA, LoRA
-from lightning_zenft.callbacks.mam import MAM
+from lightning_zenft.callbacks.mam import MAMAdapter
 from lightning_zenft.callbacks.merge import MergeAdapters
 from lightning_zenft.callbacks.pareto_checkpoint import ParetoCheckpoint
 from lightning_zenft.callbacks.prompt import PrefixTuning, PromptTuning, PTuning
@@ -124,7 +124,7 @@ __all__ = [
     "LoReFTLayer",
     "LowRankUpdate",
     "lr_find_from_recommendation",
-    "MAM",
+    "MAMAdapter",
     "MAMConfig",
     "match_targets",
     "MemoryEstimate",

@@ -1,9 +1,9 @@
-"""The ``MAM`` callback: a parallel adapter on the feed-forward modules plus prefix tuning (He et al. 2022), built
-from those two methods (see :class:`~lightning_zenft.config.MAMConfig`).
+"""The ``MAMAdapter`` callback: a parallel adapter on the feed-forward modules plus prefix tuning (He et al. 2022),
+built from those two methods (see :class:`~lightning_zenft.config.MAMConfig`).
 
 Example::
 
-    trainer = L.Trainer(callbacks=[MAM(num_virtual_tokens=30, bottleneck_size=64)])
+    trainer = L.Trainer(callbacks=[MAMAdapter(num_virtual_tokens=30, bottleneck_size=64)])
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from lightning_zenft.callbacks._adapter import AdapterCallback
 from lightning_zenft.config import MAMConfig
 
 
-class MAM(AdapterCallback):
+class MAMAdapter(AdapterCallback):
     """MAM ("mix-and-match") adapters, injected at ``setup``: prefix tuning on every attention layer and a parallel
     adapter beside the feed-forward modules. Not mergeable (neither part is); saved in this library's own adapter
     format (HF PEFT has no such method).
@@ -32,7 +32,7 @@ class MAM(AdapterCallback):
 
     Example::
 
-        trainer = L.Trainer(callbacks=[MAM(bottleneck_size=64)])
+        trainer = L.Trainer(callbacks=[MAMAdapter(bottleneck_size=64)])
         trainer.fit(module)
         save_adapter(module.model, "out/mam")
     """

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from zenft_testing import TinyLM, make_trainer, tiny_model, token_batch
 
 from lightning_zenft import (
-    MAM,
+    MAMAdapter,
     MAMConfig,
     ParallelAdapterConfig,
     PrefixKV,
@@ -59,13 +59,13 @@ def test_mam_settings_are_checked_by_its_parts():
     with pytest.raises(ValueError, match=r"invalid MAMConfig: .*reduction_factor=-1 .*num_virtual_tokens=0 must"):
         MAMConfig(num_virtual_tokens=0, reduction_factor=-1)
     with pytest.raises(ValueError, match=r"target_modules='all-linear' selects linear layers"):
-        MAM(target_modules="all-linear")
+        MAMAdapter(target_modules="all-linear")
 
 
 def _run(tmp_path, max_steps, ckpt_path=None, every=None):
     torch.manual_seed(0)
     module = TinyLM("llama")
-    callbacks = [MAM(num_virtual_tokens=3, bottleneck_size=4, dropout=0.1), SaveAdapter("adapter")]
+    callbacks = [MAMAdapter(num_virtual_tokens=3, bottleneck_size=4, dropout=0.1), SaveAdapter("adapter")]
     if every:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every, save_top_k=-1))
     trainer = make_trainer(tmp_path, callbacks, max_steps=max_steps, enable_checkpointing=bool(every))
