@@ -156,7 +156,8 @@ def general_probe_batches(
     for name, value in (("n_batches", n_batches), ("batch_size", batch_size), ("seq_len", seq_len)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}.")
-    encoded = tokenizer(general_text("probe", max_chars=max_chars), add_special_tokens=True)["input_ids"]
+    # whole documents, cut into seq_len windows below: the tokenizer's warning about the model's length does not apply
+    encoded = tokenizer(general_text("probe", max_chars=max_chars), add_special_tokens=True, verbose=False)["input_ids"]
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for ids in encoded:

@@ -265,7 +265,8 @@ def general_examples(tokenizer: Any, n: int, seq_len: int, max_chars: int | None
     if n < 1 or seq_len < 2:
         raise ValueError(f"general_examples: n={n} must be >= 1 and seq_len={seq_len} >= 2.")
     stream: list[int] = []
-    for ids in tokenizer(general_text("train", max_chars=max_chars), add_special_tokens=True)["input_ids"]:
+    documents = general_text("train", max_chars=max_chars)  # whole documents, cut into seq_len windows below
+    for ids in tokenizer(documents, add_special_tokens=True, verbose=False)["input_ids"]:
         stream.extend(ids)
     if len(stream) < n * seq_len:
         raise ValueError(
