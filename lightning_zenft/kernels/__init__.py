@@ -9,7 +9,7 @@ Example::
     y = fused_lora(x, base.weight, lora_a, lora_b, scaling=2.0, bias=base.bias)
 """
 
-from lightning_zenft.kernels._triton import interpret_mode, set_triton_enabled, triton_enabled
+from lightning_zenft.kernels._triton import interpret_mode
 from lightning_zenft.kernels.dora import fused_dora
 from lightning_zenft.kernels.glu import GLUActivation, glu, glu_reference
 from lightning_zenft.kernels.lora import (
@@ -30,6 +30,7 @@ from lightning_zenft.kernels.nf4 import (
     quantize_nf4,
     release_nf4_buffers,
 )
+from lightning_zenft.kernels.runtime import set_triton_enabled, triton_enabled
 
 __all__ = [
     "CallableWeight",

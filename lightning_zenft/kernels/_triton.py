@@ -1,16 +1,18 @@
-"""When the Triton paths run, and the lazy import of Triton itself.
+"""Whether Triton is installed, whether its interpreter is on, and the lazy import of Triton itself (the switches
+that choose the Triton paths are in :mod:`~lightning_zenft.kernels.runtime`).
 
 Triton kernels run on CUDA tensors, or on CPU tensors when Triton's interpreter is on (``TRITON_INTERPRET=1`` in the
 environment before the first kernel module is imported; Triton reads it when ``@triton.jit`` decorates a function).
 Everything else runs the same math with torch ops, so every kernel works on any device.
 
 The modules holding ``@triton.jit`` code (``_matmul_triton``, ``_dual_triton``, ``_nf4_triton``, ``_glu_triton``) are
-imported only from the launchers below, never at package import: importing ``lightning_zenft`` needs no Triton.
+imported only through ``triton_module``, never at package import: importing ``lightning_zenft`` needs no Triton.
 
 Example::
 
-    from lightning_zenft.kernels import triton_enabled
-    triton_enabled(torch.randn(2, device="cuda"))  # True where Triton is installed
+    from lightning_zenft.kernels._triton import triton_installed, triton_module
+    if triton_installed():
+        matmul_kernels = triton_module("_matmul_triton")   # imports Triton and compiles nothing yet
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import functools
 import importlib
 import os
 from types import ModuleType
-
-import torch
 
 
 def interpret_mode() -> bool:
@@ -32,27 +32,6 @@ def interpret_mode() -> bool:
 def triton_installed() -> bool:
     """True when ``import triton`` would work (looked up once per process)."""
     return importlib.util.find_spec("triton") is not None
-
-
-def set_triton_enabled(enabled: bool) -> None:
-    """Turn every Triton path of the default runtime off (``False``) or back on; the torch paths compute the same math.
-
-    A :class:`~lightning_zenft.FusedKernels` callback copies the default runtime's switches when fitting starts.
-
-    Example::
-
-        set_triton_enabled(False)   # e.g. to compare against the torch path in a benchmark
-    """
-    from lightning_zenft.kernels.runtime import default_runtime
-
-    default_runtime().triton = enabled
-
-
-def triton_enabled(*tensors: torch.Tensor) -> bool:
-    """Whether the default runtime runs Triton for these tensors (see :meth:`KernelRuntime.use_triton`)."""
-    from lightning_zenft.kernels.runtime import default_runtime
-
-    return default_runtime().use_triton(*tensors)
 
 
 def require_triton() -> ModuleType:

@@ -106,6 +106,23 @@ def default_runtime() -> KernelRuntime:
     return _DEFAULT
 
 
+def set_triton_enabled(enabled: bool) -> None:
+    """Turn every Triton path of the default runtime off (``False``) or back on; the torch paths compute the same math.
+
+    A :class:`~lightning_zenft.FusedKernels` callback copies the default runtime's switches when fitting starts.
+
+    Example::
+
+        set_triton_enabled(False)   # e.g. to compare against the torch path in a benchmark
+    """
+    default_runtime().triton = enabled
+
+
+def triton_enabled(*tensors: torch.Tensor) -> bool:
+    """Whether the default runtime runs Triton for these tensors (see :meth:`KernelRuntime.use_triton`)."""
+    return default_runtime().use_triton(*tensors)
+
+
 def resolve(runtime: KernelRuntime | None) -> KernelRuntime:
     """``runtime``, or the default one."""
     return _DEFAULT if runtime is None else runtime
