@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
 import torch
 from zenft_testing import tiny_model
+
+
+# Lightning turns propagation off for its loggers when the root logger has no handler at its import, which depends on
+# when the pytest version in use installs its own: turned back on, caplog sees the library's info lines either way.
+for _name in ("lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).propagate = True
 
 
 @pytest.fixture(autouse=True)
