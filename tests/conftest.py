@@ -9,7 +9,6 @@ import pytest
 import torch
 from zenft_testing import tiny_model
 
-
 # Lightning turns propagation off for its loggers when the root logger has no handler at its import, which depends on
 # when the pytest version in use installs its own: turned back on, caplog sees the library's info lines either way.
 for _name in ("lightning.pytorch", "lightning.fabric"):
