@@ -12,12 +12,18 @@
     data:
       train_file: train.jsonl
 
+With a 4-bit plugin among ``trainer.plugins`` (``lightning_zenft.NF4Precision``), the model is built inside the plugin's
+``module_init_context()``: ``model.model``'s safetensors are read and quantized tensor by tensor on the CPU, so the
+full-precision model never exists in memory (the Trainer then moves the 4-bit model to its device).
+
 ``zenft recommend ...`` and ``zenft estimate ...`` answer "which recipe?" and "will it fit?" before a run;
 ``zenft merge ...`` merges adapters or fine-tunes into their base afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import sys
 from typing import Any
 
@@ -38,6 +44,30 @@ class ZenftCLI(LightningCLI):
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.model", "data.tokenizer")
+
+    @override
+    def instantiate_classes(self) -> None:
+        loader = self.quantized_loader()
+        with loader.module_init_context() if loader is not None else contextlib.nullcontext():
+            super().instantiate_classes()
+
+    def quantized_loader(self) -> Any:
+        """A 4-bit plugin built from the config's ``trainer.plugins`` (the Trainer builds its own from the same
+        settings), whose ``module_init_context()`` the model is built in; None without one."""
+        from lightning_zenft.precision.fabric import FabricNF4Precision
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        plugins = config.get("trainer.plugins") or []
+        for plugin in plugins if isinstance(plugins, list) else [plugins]:
+            class_path = getattr(plugin, "class_path", None)
+            if not isinstance(class_path, str) or "." not in class_path:
+                continue
+            module_name, _, name = class_path.rpartition(".")
+            cls = getattr(importlib.import_module(module_name), name, None)
+            if isinstance(cls, type) and issubclass(cls, FabricNF4Precision):
+                init_args = getattr(plugin, "init_args", None)
+                return cls(**(dict(vars(init_args)) if init_args is not None else {}))
+        return None
 
     @staticmethod
     @override

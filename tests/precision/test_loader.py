@@ -135,3 +135,42 @@ def test_fabric_init_module_loads_4bit_and_setup_trains_the_adapters(tmp_path):
     optimizer.step()
     assert all(layer.lora_B.weight.abs().sum() > 0 for _, layer in find_adapters(model))
     assert all(torch.equal(m.weight.data, codes[n]) for n, m in model.module.named_modules() if is_4bit_layer(m))
+
+
+def test_zenft_fit_with_the_plugin_builds_the_model_in_4bit(tmp_path, monkeypatch):
+    """`zenft fit --config` with NF4Precision in trainer.plugins loads through the low-memory loader (never a
+    full-precision model), with the YAML's settings; the Trainer's own plugin then finds the layers 4-bit already."""
+    import yaml
+
+    from lightning_zenft.cli import cli_main
+    from lightning_zenft.data.paths import DEFAULT_BASE_MODEL_DIR
+    from lightning_zenft.precision import fabric
+
+    loads: list[str] = []
+    real = fabric.load_pretrained_4bit
+
+    def recording(directory, *args, **kwargs):  # the real loader, its calls recorded
+        loads.append(str(directory))
+        return real(directory, *args, **kwargs)
+
+    monkeypatch.setattr(fabric, "load_pretrained_4bit", recording)
+    nf4 = {"class_path": "lightning_zenft.NF4Precision", "init_args": {"mode": "nf4-dq", "compute_dtype": "float32"}}
+    config = {
+        "trainer": {"accelerator": "cpu", "max_steps": 2, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "default_root_dir": str(tmp_path), "plugins": [nf4],
+                    "callbacks": [{"class_path": "lightning_zenft.LoRA", "init_args": {"r": 4}}]},
+        "data": {"max_length": 32, "batch_size": 2},
+    }  # fmt: skip
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = cli_main(["fit", "--config", str(path)])
+    assert loads == [str(DEFAULT_BASE_MODEL_DIR)]  # model: null is the embedded model, read once, in 4 bits
+    assert cli.trainer.precision_plugin.spec == QuantSpec.from_mode("nf4-dq", compute_dtype=torch.float32)
+    bases = [layer.base_layer for _, layer in find_adapters(cli.model.model)]
+    assert bases and all(is_4bit_layer(b) and b.weight.quant_state.nested for b in bases)
+    assert cli.trainer.global_step == 2
+    # without the plugin, nothing goes through the 4-bit loader
+    del config["trainer"]["plugins"]
+    path.write_text(yaml.safe_dump(config))
+    cli_main(["fit", "--config", str(path)])
+    assert len(loads) == 1
