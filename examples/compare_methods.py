@@ -136,10 +136,12 @@ def main() -> None:
     if args.one:
         print("ROW " + json.dumps(run_one(args.one, args.steps)), flush=True)
         return
+    if args.steps < 2:
+        parser.error(f"--steps {args.steps}: at least 2 (the first step is left out of tokens/s)")
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if unknown or not names:
+        parser.error(f"unknown methods {unknown or args.methods!r}; choose from {list(METHODS)}")
     rows = []
     for name in names:
         print(f"training {name} ({METHODS[name][0]}) for {args.steps} steps ...", flush=True)
@@ -153,7 +155,10 @@ def main() -> None:
     print()
     print(table(rows))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        out_path = Path(args.json)
+        partial = out_path.with_name(out_path.name + ".partial")
+        partial.write_text(json.dumps(rows, indent=2) + "\n")
+        partial.replace(out_path)  # a reader never sees half a file
 
 
 if __name__ == "__main__":
