@@ -125,6 +125,32 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
     return count
 
 
+def cast_trained(model: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Store every trained floating-point parameter of ``model`` in ``dtype``; returns the names of those cast.
+
+    FSDP2 needs one dtype for the trained parameters of a unit. Adapters take their base layer's dtype, so a model
+    whose unquantized layers are bf16 beside 4-bit ones (the low-memory 4-bit loader keeps them in the compute dtype)
+    holds bf16 adapters beside fp32 ones. Under bf16 mixed precision trained parameters are the optimizer's fp32
+    master copy anyway: they are stored in fp32 and gathered in bf16.
+    """
+    cast = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                cast.append(name)
+    return cast
+
+
+def trained_dtypes(model: nn.Module) -> dict[torch.dtype, list[str]]:
+    """The trained floating-point parameters of ``model``, by dtype."""
+    found: dict[torch.dtype, list[str]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad and param.is_floating_point():
+            found.setdefault(param.dtype, []).append(name)
+    return found
+
+
 def shardable_4bit(model: nn.Module, owner: str) -> int:
     """Make bitsandbytes 4-bit layers shardable by FSDP2 (``fully_shard`` would drop their ``quant_state``): each
     becomes a :class:`~lightning_zenft.precision.sharded_linear.ShardedLinear4bit` over the same 4-bit storage;

@@ -39,9 +39,11 @@ from lightning_zenft.strategies import checkpoints
 from lightning_zenft.strategies.blocks import (
     BlockClasses,
     cast_frozen,
+    cast_trained,
     checkpoint_blocks,
     resolve_block_classes,
     shardable_4bit,
+    trained_dtypes,
 )
 from lightning_zenft.strategies.options import MixedPrecisionName, StateDictName, check_options
 
@@ -153,6 +155,21 @@ class FSDP2Strategy(checkpoints.TrainedOnlyCheckpointHooks, ModelParallelStrateg
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if self.cast_frozen:
                 cast_frozen(pl_module, torch.bfloat16)
+            cast = cast_trained(pl_module, torch.float32)
+            if cast:
+                rank_zero_info(
+                    f"FSDP2Strategy: {len(cast)} trained parameters (e.g. {cast[:2]}) stored in fp32, the optimizer's "
+                    "master copy under bf16 mixed precision (FSDP2 needs one dtype for a unit's trained parameters)."
+                )
+        else:
+            dtypes = trained_dtypes(pl_module)
+            if len(dtypes) > 1:
+                examples = {str(d): names[:2] for d, names in dtypes.items()}
+                raise ValueError(
+                    f"FSDP2Strategy(mixed_precision=None): the trained parameters have several dtypes ({examples}), "
+                    "and FSDP2 needs one dtype for a unit's trained parameters. Use mixed_precision='bf16' (trained "
+                    "parameters are then kept in fp32), or load the model in one dtype."
+                )
         kwargs: dict[str, Any] = {
             "mesh": self.device_mesh["data_parallel"],
             "mp_policy": mp,

@@ -298,3 +298,23 @@ def test_fsdp1_refuses_a_4bit_base_and_names_fsdp2():
     shardable_4bit(model, "FSDP2Strategy")  # the packed form FSDP2 shards: still not for FSDP1
     with pytest.raises(RuntimeError, match=r"FSDP1Strategy: 2 parameters are 4-bit"):
         refuse_4bit(model, "FSDP1Strategy")
+
+
+def test_trained_parameters_get_one_dtype_or_a_clear_error():
+    from lightning_zenft.strategies.blocks import cast_trained, trained_dtypes
+
+    # adapters take their base's dtype: a bf16 layer (kept unquantized beside 4-bit ones) gives bf16 adapters
+    model = tiny_model("llama")
+    inject_adapters(model, LoRAConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    model.model.layers[0].mlp.down_proj.to(torch.bfloat16)
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad}
+    dtypes = trained_dtypes(model)
+    assert set(dtypes) == {torch.float32, torch.bfloat16}
+    assert dtypes[torch.bfloat16] == [f"model.layers.0.mlp.down_proj.lora_{x}.weight" for x in "AB"]
+    module = TinyLM("llama")  # a LightningModule holding the model, as FSDP2Strategy shards it
+    module.model = model
+    with pytest.raises(ValueError, match=r"mixed_precision=None\): the trained parameters have several dtypes"):
+        FSDP2Strategy(mixed_precision=None)._shard(module)
+    assert cast_trained(model, torch.float32) == dtypes[torch.bfloat16]
+    assert set(trained_dtypes(model)) == {torch.float32}
+    assert {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad} == frozen  # frozen untouched
