@@ -288,9 +288,9 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str | No
     """
     model = unwrap_model(model)
     if adapter_name is not None:
-        from lightning_zenft.named import load_named_adapter
+        from lightning_zenft.named import add_loaded_adapter
 
-        return load_named_adapter(model, directory, adapter_name)
+        return add_loaded_adapter(model, adapter_name, lambda: load_adapter(model, directory))
     directory = Path(directory)
     config = read_adapter_config(directory)
     weights_path = directory / WEIGHTS_NAME

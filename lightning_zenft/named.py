@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -264,12 +263,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise KeyError(f"no adapter named {name!r}; this model has {list_adapters(model)}.")
 
 
-def load_named_adapter(model: nn.Module, directory: str | Path, adapter_name: str) -> list[str]:
-    """Load an adapter file under ``adapter_name`` (aside while another adapter is active); see ``load_adapter``."""
-    from lightning_zenft.io import load_adapter
-
-    model = unwrap_model(model)
-    return _add(model, adapter_name, lambda: load_adapter(model, directory))
+def add_loaded_adapter(model: nn.Module, adapter_name: str, load: Callable[[], list[str]]) -> list[str]:
+    """Keep what ``load`` injects (``load_adapter`` into the model, which then holds no other active adapter) as the
+    adapter ``adapter_name``, aside while another adapter is active; ``load_adapter(..., adapter_name=)`` uses it."""
+    return _add(unwrap_model(model), adapter_name, load)
 
 
 @contextmanager
@@ -292,9 +289,9 @@ __all__ = [
     "DEFAULT",
     "active_adapter",
     "add_adapter",
+    "add_loaded_adapter",
     "delete_adapter",
     "list_adapters",
-    "load_named_adapter",
     "set_adapter",
     "using_adapter",
 ]

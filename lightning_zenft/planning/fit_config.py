@@ -54,7 +54,10 @@ def fit_config(
     if max_steps is not None:
         trainer["max_steps"] = max_steps
     if rec.nodes * rec.gpus > 1:
-        trainer.update({"devices": rec.gpus, "num_nodes": rec.nodes, "strategy": "fsdp"})
+        # FSDP2 through lightning_zenft's strategy, which zenft estimate --gpus models: frozen weights keep no gradient
+        # or optimizer state (Lightning's "fsdp" flattens frozen and trained weights together) and 4-bit bases shard
+        strategy = {"class_path": "lightning_zenft.strategies.FSDP2Strategy"}
+        trainer.update({"devices": rec.gpus, "num_nodes": rec.nodes, "strategy": strategy})
     if rec.method == "full":
         trainer["precision"] = "bf16-mixed"
     trainer["callbacks"] = callbacks

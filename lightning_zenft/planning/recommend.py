@@ -323,7 +323,7 @@ def recommend(
         max_performance: maximum task performance is required (favors full fine-tuning).
         nodes: nodes available; more than one favors full fine-tuning.
         gpus: GPUs per node; every method is sharded (FSDP) over ``nodes * gpus``, as ``zenft estimate --gpus``
-            assumes, and the config runs Lightning's FSDP strategy there.
+            assumes, and the config runs :class:`~lightning_zenft.strategies.FSDP2Strategy` there.
         batch: micro-batch size per GPU, for the memory check and the config.
         seq: sequence length, for the memory check and the config.
         checkpointing: gradient checkpointing, for the memory check and the config; when off and nothing fits

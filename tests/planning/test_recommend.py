@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -243,8 +244,14 @@ def test_yaml_follows_the_fit_schema(kwargs, method):
         assert config["model"] == {"model": "7B", "learning_rate": rec.learning_rate, "torch_dtype": "bfloat16"}
     plugins = config["trainer"].get("plugins", [])
     assert (plugins == [{"class_path": "lightning_zenft.NF4Precision"}]) == (method == "qlora")
-    multi = {"devices": 8, "num_nodes": 4, "strategy": "fsdp"}
+    multi = {"devices": 8, "num_nodes": 4, "strategy": {"class_path": "lightning_zenft.strategies.FSDP2Strategy"}}
     assert {k: config["trainer"].get(k) for k in multi} == (multi if "nodes" in kwargs else dict.fromkeys(multi))
+    if "nodes" in kwargs:  # the class path the YAML names imports, and builds with the file's (default) settings
+        from lightning_zenft.strategies import FSDP2Strategy
+
+        module_name, _, name = multi["strategy"]["class_path"].rpartition(".")
+        assert getattr(importlib.import_module(module_name), name) is FSDP2Strategy
+        assert FSDP2Strategy().mixed_precision == "bf16"  # the bf16 sharded split zenft estimate --gpus counts
     assert config["data"] == {"train_file": "train.jsonl", "val_fraction": 0.05, "batch_size": 2, "max_length": 1024}
 
 
