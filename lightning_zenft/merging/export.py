@@ -63,7 +63,9 @@ class ExportReport:
 
 @dataclass
 class _Item:
-    kind: str  # "tensor" (as is, floating ones cast), "raw" (never cast), "adapted", "dequant", "requant"
+    kind: (
+        str  # "tensor" (as is, floating ones cast), "raw" (never cast), "adapted", "adapted_bias", "dequant", "requant"
+    )
     source: Any
     part: str = ""
 
@@ -145,6 +147,8 @@ def _plan(model: nn.Module, quantized: Quantized) -> tuple[dict[str, _Item], dic
                 items[out_key] = _Item("requant", (layer_name, layer), rest)
             elif rest == "weight":
                 items[out_key] = _Item("adapted", layer)
+            elif rest == "bias" and _scales_bias(layer):
+                items[out_key] = _Item("adapted_bias", layer)
             elif not rest.startswith("weight."):
                 items[out_key] = _Item("tensor", state[key])
             continue
@@ -166,6 +170,9 @@ def _entry(key: str, item: _Item, dtype: torch.dtype | None) -> TensorEntry:
         tensor = item.source
         cast = item.kind == "tensor" and dtype is not None and tensor.is_floating_point()
         return TensorEntry(key, dtype if cast else tensor.dtype, tuple(tensor.shape))
+    if item.kind == "adapted_bias":
+        bias = item.source.base_layer.bias
+        return TensorEntry(key, dtype or bias.dtype, tuple(bias.shape))
     if item.kind == "requant":  # planned with the current tensors' sizes; the real ones replace them per shard
         current = item.source[1].base_layer.state_dict()[item.part]
         return TensorEntry(key, current.dtype, tuple(current.shape))
@@ -220,6 +227,9 @@ def export_merged(
             return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
         if item.kind == "adapted":
             return adapted_weight(item.source, dtype) if not item.source.merged else _merged_base(item.source, dtype)
+        if item.kind == "adapted_bias":
+            bias = item.source.merged_bias(item.source.base_layer.bias.detach())
+            return bias.to(dtype) if dtype is not None else bias
         return dequantize_4bit_weight(item.source).to(dtype or dense_dtype(item.source))
 
     def prepare(planned: list[TensorEntry]) -> tuple[list[TensorEntry], Callable[[str], torch.Tensor]]:
@@ -271,8 +281,13 @@ def _requantized(layer_name: str, layer: nn.Module, report: ExportReport) -> dic
     report.errors[layer_name] = quantization_error(codes, state, merged)
     parts = {"weight": codes, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
     if getattr(base, "bias", None) is not None:
-        parts["bias"] = base.bias.detach()
+        parts["bias"] = layer.merged_bias(base.bias.detach()) if _scales_bias(layer) else base.bias.detach()
     return parts
+
+
+def _scales_bias(layer: nn.Module) -> bool:
+    """Whether merging ``layer`` changes its base's bias (IA3's output scaling: ``merged_bias``) and has not yet."""
+    return callable(getattr(layer, "merged_bias", None)) and not layer.merged
 
 
 def _write_configs(

@@ -111,3 +111,28 @@ def test_export_refusals(tmp_path):
     with pytest.raises(RuntimeError, match="stopped at"):
         export_merged(model, tmp_path / "out", overwrite=True, on_tensor=stop)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"] and not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])  # c_attn and Qwen2's k/v projections carry a bias
+def test_export_of_ia3_scales_the_bias_of_output_scaled_layers(tmp_path, arch):
+    from lightning_zenft import IA3Config, inject_adapters
+
+    tiny_model(arch).save_pretrained(tmp_path / "base")
+    model = load_base(tmp_path / "base")
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()  # a freshly initialized model's biases are zero, which any scaling keeps
+    inject_adapters(model, IA3Config())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))  # trained vectors, not the ones they start at
+    ids = token_batch()
+    want = logits(model, ids)
+    export_merged(model, tmp_path / "out")
+    reference = copy.deepcopy(model)
+    unload_adapters(reference, merge=True)  # the layers' own merge, biases included
+    torch.testing.assert_close(logits(reference, ids), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(load_base(tmp_path / "out"), ids), want, atol=1e-5, rtol=1e-5)
