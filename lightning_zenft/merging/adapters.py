@@ -31,6 +31,11 @@ from lightning_zenft.merging.quantized import QuantizationError, dense_copy, mer
 Quantized = Literal["dequantize", "requantize"]
 
 
+def scales_bias(layer: nn.Module) -> bool:
+    """Whether merging ``layer`` changes its base's bias (``merged_bias``: IA3's output scaling), not done yet."""
+    return callable(getattr(layer, "merged_bias", None)) and not layer.merged and layer.base_layer.bias is not None
+
+
 def _check_mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:
     layers = list(find_adapters(model))
     unmergeable = sorted({type(layer).__name__ for _, layer in layers if not isinstance(layer, Mergeable)})
@@ -97,7 +102,8 @@ def merge_and_unload(
         base = layer.base_layer  # type: ignore[attr-defined]
         if is_4bit(base) and quantized == "dequantize":
             weight = base_dense_weight(base) if layer.merged else layer.merged_weight(base_dense_weight(base).float())
-            base = dense_copy(base, weight, dtype or dense_dtype(base))
+            bias = layer.merged_bias(base.bias.detach()) if scales_bias(layer) else None
+            base = dense_copy(base, weight, dtype or dense_dtype(base), bias=bias)
         elif is_4bit(base):
             if not layer.merged:
                 errors[name] = merge_into_4bit(layer)

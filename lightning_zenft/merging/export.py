@@ -35,6 +35,7 @@ from lightning_zenft.merging.adapters import (
     _check_quantized,
     adapted_weight,
     base_dense_weight,
+    scales_bias,
 )
 from lightning_zenft.merging.quantized import QuantizationError, quantization_error, quantize_like, state_shape
 from lightning_zenft.merging.streaming import (
@@ -147,7 +148,7 @@ def _plan(model: nn.Module, quantized: Quantized) -> tuple[dict[str, _Item], dic
                 items[out_key] = _Item("requant", (layer_name, layer), rest)
             elif rest == "weight":
                 items[out_key] = _Item("adapted", layer)
-            elif rest == "bias" and _scales_bias(layer):
+            elif rest == "bias" and scales_bias(layer):
                 items[out_key] = _Item("adapted_bias", layer)
             elif not rest.startswith("weight."):
                 items[out_key] = _Item("tensor", state[key])
@@ -281,13 +282,8 @@ def _requantized(layer_name: str, layer: nn.Module, report: ExportReport) -> dic
     report.errors[layer_name] = quantization_error(codes, state, merged)
     parts = {"weight": codes, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
     if getattr(base, "bias", None) is not None:
-        parts["bias"] = layer.merged_bias(base.bias.detach()) if _scales_bias(layer) else base.bias.detach()
+        parts["bias"] = layer.merged_bias(base.bias.detach()) if scales_bias(layer) else base.bias.detach()
     return parts
-
-
-def _scales_bias(layer: nn.Module) -> bool:
-    """Whether merging ``layer`` changes its base's bias (IA3's output scaling: ``merged_bias``) and has not yet."""
-    return callable(getattr(layer, "merged_bias", None)) and not layer.merged
 
 
 def _write_configs(

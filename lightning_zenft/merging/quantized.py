@@ -122,16 +122,26 @@ def merge_into_4bit(layer: nn.Module) -> QuantizationError:
         raise RuntimeError("this adapter is already merged into its 4-bit base.")
     merged = layer.merged_weight(dequantize_4bit_weight(layer.base_layer).float())  # (out, in)
     error = requantize_(layer.base_layer, merged)
+    bias = getattr(layer.base_layer, "bias", None)
+    merged_bias = getattr(layer, "merged_bias", None)
+    if bias is not None and callable(merged_bias):  # IA3's output scaling scales the bias too
+        with torch.no_grad():
+            bias.copy_(merged_bias(bias.detach().clone()))
     layer.merged = True
     return error
 
 
-def dense_copy(module: nn.Module, weight: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> nn.Linear:
-    """An ``nn.Linear`` with ``module``'s (dequantized) weight, or ``weight`` when given, and its bias."""
+def dense_copy(
+    module: nn.Module,
+    weight: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    bias: torch.Tensor | None = None,
+) -> nn.Linear:
+    """An ``nn.Linear`` with ``module``'s (dequantized) weight, or ``weight`` when given, and its bias (or ``bias``)."""
     weight = dequantize_4bit_weight(module) if weight is None else weight
     dtype = dtype or weight.dtype
     out_features, in_features = weight.shape
-    bias = getattr(module, "bias", None)
+    bias = getattr(module, "bias", None) if bias is None else bias
     linear = nn.Linear(in_features, out_features, bias=bias is not None, dtype=dtype, device=weight.device)
     with torch.no_grad():
         linear.weight.copy_(weight)

@@ -252,3 +252,38 @@ def test_merge_into_a_cuda_4bit_base_is_within_the_bound():
     assert restored.device.type == "cuda"
     assert ((restored - merged).abs() <= _bound(merged, layer.base_layer, "nf4") + 1e-6).all()
     assert error.relative < 0.15
+
+
+def test_ia3_on_4bit_bases_with_biases_merges_the_scaled_bias(tmp_path):
+    """IA3's output scaling scales the bias too: the dequantized merge, the export and the requantized merge keep it."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_zenft import IA3Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("qwen2")).float().eval()  # k/v projections with biases
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_()
+    inject_adapters(model, IA3Config())
+    quantize_model(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    ids = token_batch()
+    want = logits(model, ids)
+    export_merged(model, tmp_path / "fp32", dtype=torch.float32)
+    torch.testing.assert_close(logits(load_base(tmp_path / "fp32"), ids), want, atol=1e-5, rtol=1e-5)
+    dense = copy.deepcopy(model)
+    merge_and_unload(dense)  # dequantize
+    torch.testing.assert_close(logits(dense, ids), want, atol=1e-5, rtol=1e-5)
+    requantized = copy.deepcopy(model)
+    layers = dict(find_adapters(requantized))
+    output_scaled = {n: x for n, x in layers.items() if x.base_layer.bias is not None and not x.feedforward}
+    scaled = {name: layer.merged_bias(layer.base_layer.bias.detach().clone()) for name, layer in output_scaled.items()}
+    assert scaled  # the k/v projections
+    merge_and_unload(requantized, quantized="requantize")
+    for name, bias in scaled.items():
+        assert torch.equal(requantized.get_submodule(name).bias, bias), name  # exact: biases stay dense
