@@ -26,14 +26,9 @@ from torch import nn
 from lightning_zenft.adapters import Mergeable, find_adapters
 from lightning_zenft.adapters._base import dense_weight, is_conv1d
 from lightning_zenft.adapters._bnb import dense_dtype, is_4bit
-from lightning_zenft.merging.quantized import QuantizationError, dense_copy, merge_into_4bit
+from lightning_zenft.merging.quantized import QuantizationError, dense_copy, merge_into_4bit, scales_bias
 
 Quantized = Literal["dequantize", "requantize"]
-
-
-def scales_bias(layer: nn.Module) -> bool:
-    """Whether merging ``layer`` changes its base's bias (``merged_bias``: IA3's output scaling), not done yet."""
-    return callable(getattr(layer, "merged_bias", None)) and not layer.merged and layer.base_layer.bias is not None
 
 
 def _check_mergeable(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -35,9 +35,14 @@ from lightning_zenft.merging.adapters import (
     _check_quantized,
     adapted_weight,
     base_dense_weight,
-    scales_bias,
 )
-from lightning_zenft.merging.quantized import QuantizationError, quantization_error, quantize_like, state_shape
+from lightning_zenft.merging.quantized import (
+    QuantizationError,
+    quantization_error,
+    quantize_like,
+    scales_bias,
+    state_shape,
+)
 from lightning_zenft.merging.streaming import (
     atomic_directory,
     check_destination,

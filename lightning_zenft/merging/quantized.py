@@ -99,6 +99,12 @@ def state_shape(module: nn.Module) -> tuple[int, int]:
     return tuple(int(n) for n in module.weight.quant_state.shape)  # type: ignore[return-value]
 
 
+def scales_bias(layer: nn.Module) -> bool:
+    """Whether merging ``layer`` changes its base's bias (``merged_bias``: IA3's output scaling), not done yet."""
+    bias = getattr(layer.base_layer, "bias", None)
+    return callable(getattr(layer, "merged_bias", None)) and not layer.merged and bias is not None
+
+
 def merge_into_4bit(layer: nn.Module) -> QuantizationError:
     """Merge a mergeable adapter layer into its 4-bit base layer in place; returns the requantization error.
 
@@ -121,12 +127,12 @@ def merge_into_4bit(layer: nn.Module) -> QuantizationError:
     if layer.merged:
         raise RuntimeError("this adapter is already merged into its 4-bit base.")
     merged = layer.merged_weight(dequantize_4bit_weight(layer.base_layer).float())  # (out, in)
+    scale_bias = scales_bias(layer)  # IA3's output scaling scales the bias too
     error = requantize_(layer.base_layer, merged)
-    bias = getattr(layer.base_layer, "bias", None)
-    merged_bias = getattr(layer, "merged_bias", None)
-    if bias is not None and callable(merged_bias):  # IA3's output scaling scales the bias too
+    if scale_bias:
+        bias = layer.base_layer.bias
         with torch.no_grad():
-            bias.copy_(merged_bias(bias.detach().clone()))
+            bias.copy_(layer.merged_bias(bias.detach().clone()))
     layer.merged = True
     return error
 

@@ -107,6 +107,20 @@ def mixed_modules(model: nn.Module) -> list[str]:
     return found
 
 
+def _cast_params(model: nn.Module, dtype: torch.dtype, trained: bool) -> list[str]:
+    """Store the trained (or the frozen) floating-point parameters of ``model`` in ``dtype``; returns those cast.
+    Tensor subclasses (4-bit weights) keep their own storage."""
+    cast = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if type(param.data) is not torch.Tensor or param.requires_grad != trained:
+                continue
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+                cast.append(name)
+    return cast
+
+
 def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
     """Store every frozen floating-point parameter of ``model`` in ``dtype``; returns how many were cast.
 
@@ -114,15 +128,7 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
     that the all-gather does, so casting it once before sharding gives the same numbers with less memory. Tensor
     subclasses (4-bit weights) are left as they are.
     """
-    count = 0
-    with torch.no_grad():
-        for param in model.parameters():
-            if type(param.data) is not torch.Tensor:
-                continue  # a tensor subclass (a 4-bit weight) keeps its own storage
-            if not param.requires_grad and param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-                count += 1
-    return count
+    return len(_cast_params(model, dtype, trained=False))
 
 
 def cast_trained(model: nn.Module, dtype: torch.dtype) -> list[str]:
@@ -133,13 +139,7 @@ def cast_trained(model: nn.Module, dtype: torch.dtype) -> list[str]:
     holds bf16 adapters beside fp32 ones. Under bf16 mixed precision trained parameters are the optimizer's fp32
     master copy anyway: they are stored in fp32 and gathered in bf16.
     """
-    cast = []
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
-                param.data = param.data.to(dtype)
-                cast.append(name)
-    return cast
+    return _cast_params(model, dtype, trained=True)
 
 
 def trained_dtypes(model: nn.Module) -> dict[torch.dtype, list[str]]:
