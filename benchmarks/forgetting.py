@@ -193,7 +193,12 @@ class Bench:
         """Step times (seconds) of a short run, the first 5 steps left out."""
         module = TaskModule(self.model(), self.train, lr or self.lr, self.batch_size)
         timer = StepTimer()
-        L.Trainer(
+        self.trainer([*callbacks, timer]).fit(module)
+        return timer.times[5:]
+
+    def trainer(self, callbacks: list[L.Callback]) -> L.Trainer:
+        """The Trainer of every run here: CPU, ``self.steps`` steps, nothing written."""
+        return L.Trainer(
             accelerator="cpu",
             devices=1,
             max_steps=self.steps,
@@ -201,24 +206,14 @@ class Bench:
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
-            callbacks=[*callbacks, timer],
-        ).fit(module)
-        return timer.times[5:]
+            callbacks=callbacks,
+        )
 
     def run(self, method: str, setting: str, callbacks: list[L.Callback], lr: float | None = None) -> Result:
         model = self.model()
         module = TaskModule(model, self.train, lr or self.lr, self.batch_size)
         timer = StepTimer()
-        trainer = L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_steps=self.steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[*callbacks, timer],
-        )
+        trainer = self.trainer([*callbacks, timer])
         start = time.perf_counter()
         trainer.fit(module)
         total = time.perf_counter() - start
